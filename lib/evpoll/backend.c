@@ -1,0 +1,248 @@
+/*
+ * The "evpoll" tevent backend: the epoll backend's ops with our own
+ * context_init, loop_once and loop_wait.
+ */
+#include <errno.h>
+#include <pthread.h>
+#include <string.h>
+#include <sys/eventfd.h>
+#include <unistd.h>
+
+#include "evpoll_internal.h"
+
+const struct tevent_ops *evpoll_epoll_ops;
+static struct tevent_ops evpoll_ops;
+static pthread_once_t evpoll_once = PTHREAD_ONCE_INIT;
+static bool evpoll_registered;
+
+static int state_destructor(struct evpoll_state *st)
+{
+	evpoll_registry_remove(st);
+	/* the context is being freed: polls become inert, no exit callbacks */
+	evpoll_polls_detach(st);
+	st->spinning = false;
+	atomic_store_explicit(&st->waker->may_sleep, true,
+			      memory_order_seq_cst);
+	evpoll_waker_unref(st->waker);
+	TALLOC_FREE(st->spin_fde);
+	if (st->spin_fd != -1) {
+		close(st->spin_fd);
+	}
+	return 0;
+}
+
+static int evpoll_context_init_op(struct tevent_context *ev)
+{
+	struct evpoll_state *st;
+	int ret;
+
+	ret = evpoll_epoll_ops->context_init(ev);
+	if (ret != 0) {
+		return ret;
+	}
+
+	st = evpoll_state_get(ev);
+	if (st != NULL) {
+		/*
+		 * tevent_re_initialise(): tevent detached every fd, including
+		 * our spin fd's; start again from "not spinning".
+		 */
+		evpoll_spin_exit(st, evpoll_now_ns());
+		return 0;
+	}
+
+	st = talloc_zero(ev, struct evpoll_state);
+	if (st == NULL) {
+		return -1;
+	}
+	st->ev = ev;
+	st->spin_fd = -1;
+	evpoll_config_load(&st->cfg, ev);
+	st->waker = evpoll_waker_new();
+	if (st->waker == NULL) {
+		talloc_free(st);
+		return -1;
+	}
+	/* counter 1, never read: always readable */
+	st->spin_fd = eventfd(1, EFD_CLOEXEC | EFD_NONBLOCK);
+	if (st->spin_fd == -1) {
+		evpoll_waker_unref(st->waker);
+		talloc_free(st);
+		return -1;
+	}
+	evpoll_registry_add(st);
+	talloc_set_destructor(st, state_destructor);
+	return 0;
+}
+
+static int evpoll_loop_once_op(struct tevent_context *ev, const char *location)
+{
+	struct evpoll_state *st = evpoll_state_get(ev);
+
+	if (st == NULL) {
+		return evpoll_epoll_ops->loop_once(ev, location);
+	}
+	st->stats.iterations++;
+	if (!st->spinning && evpoll_wants_spin(st)) {
+		evpoll_spin_enter(st, evpoll_now_ns());
+	}
+	if (st->spinning) {
+		return evpoll_spin_once(st, location);
+	}
+	return evpoll_sleep_once(st, location);
+}
+
+/*
+ * Like tevent's loop_wait: run until no events remain. Our spin fd is an
+ * event too; while it is the only one we must not loop forever, so when
+ * the loop has been idle for spin_ns (only ALWAYS mode or a pin keep it
+ * spinning that long) the spin stops for one check of the remaining events.
+ */
+static int evpoll_loop_wait_op(struct tevent_context *ev, const char *location)
+{
+	struct evpoll_state *st = evpoll_state_get(ev);
+
+	for (;;) {
+		int ret;
+
+		if (st != NULL && st->spinning) {
+			uint64_t now = evpoll_now_ns();
+
+			if (now - st->last_activity_ns >= st->cfg.spin_ns &&
+			    st->polls == NULL) {
+				evpoll_spin_exit(st, now);
+			}
+		}
+		if ((st == NULL || !st->spinning) &&
+		    !tevent_common_have_events(ev)) {
+			return 0;
+		}
+		ret = tevent_loop_once(ev);
+		if (ret != 0) {
+			tevent_debug(ev, TEVENT_DEBUG_FATAL,
+				     "evpoll: loop_once failed: %d (%s)\n",
+				     ret, strerror(errno));
+			return ret;
+		}
+	}
+}
+
+static void evpoll_do_init(void)
+{
+	const struct tevent_ops *ops;
+
+	/* also runs tevent's own one-time backend setup, under our once */
+	evpoll_epoll_ops = tevent_find_ops_byname("epoll");
+	if (evpoll_epoll_ops == NULL) {
+		return;
+	}
+	evpoll_ops = *evpoll_epoll_ops;
+	evpoll_ops.context_init = evpoll_context_init_op;
+	evpoll_ops.loop_once = evpoll_loop_once_op;
+	evpoll_ops.loop_wait = evpoll_loop_wait_op;
+	tevent_register_backend("evpoll", &evpoll_ops);
+	ops = tevent_find_ops_byname("evpoll");
+	evpoll_registered = (ops == &evpoll_ops);
+}
+
+_PUBLIC_ bool evpoll_init(void)
+{
+	pthread_once(&evpoll_once, evpoll_do_init);
+	return evpoll_registered;
+}
+
+_PUBLIC_ struct tevent_context *evpoll_context_init(
+	TALLOC_CTX *mem_ctx, const struct evpoll_config *cfg)
+{
+	struct tevent_context *ev;
+
+	if (cfg != NULL && !evpoll_config_valid(cfg)) {
+		errno = EINVAL;
+		return NULL;
+	}
+	if (!evpoll_init()) {
+		errno = ENOSYS;
+		return NULL;
+	}
+	ev = tevent_context_init_byname(mem_ctx, "evpoll");
+	if (ev == NULL) {
+		if (errno == 0) {
+			errno = ENOMEM;
+		}
+		return NULL;
+	}
+	if (cfg != NULL) {
+		evpoll_set_config(ev, cfg);
+	}
+	return ev;
+}
+
+_PUBLIC_ bool evpoll_is_evpoll(struct tevent_context *ev)
+{
+	return evpoll_state_get(ev) != NULL;
+}
+
+_PUBLIC_ bool evpoll_is_spinning(struct tevent_context *ev)
+{
+	struct evpoll_state *st = evpoll_state_get(ev);
+
+	return st != NULL && st->spinning;
+}
+
+_PUBLIC_ void evpoll_pin(struct tevent_context *ev)
+{
+	struct evpoll_state *st = evpoll_state_get(ev);
+
+	if (st == NULL) {
+		return;
+	}
+	st->pins++;
+}
+
+_PUBLIC_ void evpoll_unpin(struct tevent_context *ev)
+{
+	struct evpoll_state *st = evpoll_state_get(ev);
+
+	if (st == NULL) {
+		return;
+	}
+	if (st->pins == 0) {
+		tevent_debug(ev, TEVENT_DEBUG_ERROR,
+			     "evpoll: evpoll_unpin() without evpoll_pin()\n");
+		return;
+	}
+	st->pins--;
+	if (st->pins == 0 && st->spinning) {
+		/* the idle clock starts now, not at the last event */
+		st->last_activity_ns = evpoll_now_ns();
+	}
+}
+
+_PUBLIC_ void evpoll_activity(struct tevent_context *ev)
+{
+	struct evpoll_state *st = evpoll_state_get(ev);
+
+	if (st == NULL) {
+		return;
+	}
+	if (st->spinning) {
+		st->last_activity_ns = evpoll_now_ns();
+	} else {
+		st->activity_pending = true;
+	}
+}
+
+_PUBLIC_ int evpoll_get_stats(struct tevent_context *ev,
+			      struct evpoll_stats *stats)
+{
+	struct evpoll_state *st = evpoll_state_get(ev);
+
+	if (st == NULL || stats == NULL) {
+		return EINVAL;
+	}
+	*stats = st->stats;
+	if (st->spinning) {
+		stats->spin_ns += evpoll_now_ns() - st->spin_start_ns;
+	}
+	return 0;
+}

@@ -1,0 +1,131 @@
+/*
+ * evpoll internals: per-context state, the poll list, the waker.
+ */
+#ifndef EVPOLL_INTERNAL_H
+#define EVPOLL_INTERNAL_H
+
+#include <stdatomic.h>
+#include <stdbool.h>
+#include <stdint.h>
+#include <time.h>
+
+#include "evpoll.h"
+#include "visibility.h"
+
+/*
+ * libtevent exports these (versioned in its ABI files, checked by our
+ * configure) but does not declare them in tevent.h.
+ */
+bool tevent_common_loop_immediate(struct tevent_context *ev);
+struct timeval tevent_common_loop_timer_delay(struct tevent_context *ev);
+bool tevent_common_have_events(struct tevent_context *ev);
+void tevent_debug(struct tevent_context *ev, enum tevent_debug_level level,
+		  const char *fmt, ...) __attribute__((format(printf, 3, 4)));
+
+/* fds, timers and signals are checked at least this often while spinning */
+#define EVPOLL_CHECK_NS 20000ULL
+
+#define EVPOLL_DEFAULT_SPIN_NS 200000ULL
+#define EVPOLL_DEFAULT_POLL_ITERATIONS 64U
+
+struct evpoll_waker {
+	/*
+	 * Reference count. Increments are relaxed (the caller already holds a
+	 * reference); the decrement is acq_rel so that the thread freeing
+	 * the waker sees every other thread's last use of it.
+	 */
+	atomic_uint refs;
+	/*
+	 * True while the loop may sleep. The loop stores true with seq_cst
+	 * before its exit callbacks make their last check for work; a
+	 * producer loads it with seq_cst after publishing work with a seq_cst
+	 * RMW. The two seq_cst pairs form a Dekker handshake: at least one
+	 * side sees the other's store, so no wake-up is lost.
+	 */
+	atomic_bool may_sleep;
+};
+
+struct evpoll_poll {
+	struct evpoll_poll *prev, *next;
+	struct evpoll_state *st;	/* NULL once the context is gone */
+	evpoll_enter_fn enter;
+	evpoll_exit_fn exit;
+	evpoll_poll_fn poll;
+	void *private_data;
+	bool entered;	/* enter ran, exit not yet */
+	bool running;	/* inside its poll callback (nesting guard) */
+};
+
+/*
+ * A walk over the poll list in progress. Walks nest (a callback may run a
+ * nested loop), so they form a stack; removing a poll fixes every walk that
+ * points at it.
+ */
+struct evpoll_cursor {
+	struct evpoll_cursor *prev;
+	struct evpoll_poll *cur;
+	struct evpoll_poll *next;
+};
+
+struct evpoll_state {
+	struct evpoll_state *reg_next;	/* registry list */
+	struct tevent_context *ev;
+	struct evpoll_config cfg;
+	struct evpoll_waker *waker;
+
+	struct evpoll_poll *polls, *polls_tail;
+	struct evpoll_cursor *cursors;
+
+	/* an eventfd that always reads as ready, watched only while spinning */
+	int spin_fd;
+	struct tevent_fd *spin_fde;
+	bool spin_fde_fired;
+
+	bool spinning;
+	bool activity_pending;
+	unsigned pins;
+	uint64_t spin_start_ns;
+	uint64_t last_activity_ns;
+	uint64_t last_check_ns;
+	unsigned passes_since_check;
+
+	struct evpoll_stats stats;
+};
+
+static inline uint64_t evpoll_now_ns(void)
+{
+	struct timespec ts;
+
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (uint64_t)ts.tv_sec * 1000000000ULL + (uint64_t)ts.tv_nsec;
+}
+
+/* registry.c */
+int evpoll_registry_add(struct evpoll_state *st);
+void evpoll_registry_remove(struct evpoll_state *st);
+struct evpoll_state *evpoll_state_get(struct tevent_context *ev);
+
+/* config.c */
+void evpoll_config_load(struct evpoll_config *cfg, struct tevent_context *ev);
+bool evpoll_config_valid(const struct evpoll_config *cfg);
+
+/* poll.c */
+int evpoll_run_polls(struct evpoll_state *st);
+void evpoll_polls_enter(struct evpoll_state *st);
+void evpoll_polls_exit(struct evpoll_state *st);
+void evpoll_polls_detach(struct evpoll_state *st);
+
+/* waker.c */
+struct evpoll_waker *evpoll_waker_new(void);
+
+/* spin.c */
+void evpoll_spin_enter(struct evpoll_state *st, uint64_t now);
+void evpoll_spin_exit(struct evpoll_state *st, uint64_t now);
+int evpoll_spin_once(struct evpoll_state *st, const char *location);
+int evpoll_sleep_once(struct evpoll_state *st, const char *location);
+bool evpoll_wants_spin(const struct evpoll_state *st);
+
+/* backend.c */
+extern const struct tevent_ops *evpoll_epoll_ops;
+
+#endif

@@ -1,0 +1,188 @@
+/*
+ * Spin mode.
+ *
+ * While spinning, the loop keeps a tevent_fd on st->spin_fd, an eventfd
+ * whose counter is never read and so always reads as ready. That turns a
+ * call of the epoll backend's loop_once into a non-blocking check that
+ * runs, as it always does, at most one of: pending signal handlers, a
+ * cross-thread immediate, an immediate, a due timer (including timers moved
+ * with tevent_update_timer), one ready fd. epoll is level-triggered and
+ * tevent asks for one event at a time, and the kernel moves a reported
+ * level-triggered fd behind the other ready ones, so the spin fd and the
+ * user's ready fds take turns: polls never starve fds and fds never starve
+ * polls.
+ *
+ * One spinning loop_once call: run an immediate if one is queued (cheap,
+ * no syscall); else run poll passes until a pass reports work, the spin
+ * times out, or a check of fds and timers is due (poll_iterations passes or
+ * EVPOLL_CHECK_NS, whichever comes first); the check is the epoll
+ * backend's loop_once described above (one epoll_wait syscall, plus a
+ * gettimeofday when timers exist).
+ */
+#include <errno.h>
+
+#include "evpoll_internal.h"
+
+static void spin_fd_handler(struct tevent_context *ev, struct tevent_fd *fde,
+			    uint16_t flags, void *private_data)
+{
+	struct evpoll_state *st = private_data;
+
+	st->spin_fde_fired = true;
+}
+
+bool evpoll_wants_spin(const struct evpoll_state *st)
+{
+	switch (st->cfg.mode) {
+	case EVPOLL_MODE_NEVER:
+		return false;
+	case EVPOLL_MODE_ALWAYS:
+		return true;
+	case EVPOLL_MODE_AUTO:
+		break;
+	}
+	return st->pins > 0 || st->activity_pending;
+}
+
+void evpoll_spin_enter(struct evpoll_state *st, uint64_t now)
+{
+	if (st->spinning || st->cfg.mode == EVPOLL_MODE_NEVER) {
+		return;
+	}
+	st->spin_fde = tevent_add_fd(st->ev, st, st->spin_fd, TEVENT_FD_READ,
+				     spin_fd_handler, st);
+	if (st->spin_fde == NULL) {
+		tevent_debug(st->ev, TEVENT_DEBUG_ERROR,
+			     "evpoll: cannot start spinning: no memory\n");
+		return;
+	}
+	st->spinning = true;
+	st->activity_pending = false;
+	st->spin_start_ns = now;
+	st->last_activity_ns = now;
+	st->last_check_ns = now;
+	st->passes_since_check = 0;
+	st->stats.spin_entries++;
+	/*
+	 * relaxed: a producer that still reads true only makes a redundant
+	 * kernel wake-up.
+	 */
+	atomic_store_explicit(&st->waker->may_sleep, false,
+			      memory_order_relaxed);
+	evpoll_polls_enter(st);
+}
+
+void evpoll_spin_exit(struct evpoll_state *st, uint64_t now)
+{
+	if (!st->spinning) {
+		return;
+	}
+	/*
+	 * seq_cst store, then the exit callbacks' last checks for work: pairs
+	 * with a producer's seq_cst publish of work followed by its seq_cst
+	 * load in evpoll_waker_may_sleep(). Either the producer sees true and
+	 * wakes the loop through the kernel, or an exit callback sees the
+	 * work.
+	 */
+	atomic_store_explicit(&st->waker->may_sleep, true,
+			      memory_order_seq_cst);
+	st->spinning = false;
+	TALLOC_FREE(st->spin_fde);
+	st->stats.spin_exits++;
+	st->stats.spin_ns += now - st->spin_start_ns;
+	evpoll_polls_exit(st);
+}
+
+static void note_activity(struct evpoll_state *st, uint64_t now)
+{
+	st->last_activity_ns = now;
+}
+
+/* Run one immediate or one due timer; true if a handler ran. */
+static bool run_immediate_or_timer(struct evpoll_state *st)
+{
+	struct timeval tv;
+
+	if (tevent_common_loop_immediate(st->ev)) {
+		st->stats.immediate_dispatches++;
+		return true;
+	}
+	tv = tevent_common_loop_timer_delay(st->ev);
+	if (tv.tv_sec == 0 && tv.tv_usec == 0) {
+		st->stats.timer_dispatches++;
+		return true;
+	}
+	return false;
+}
+
+/* The check of fds, signals, cross-thread immediates and timers. */
+static int spin_check(struct evpoll_state *st, const char *location)
+{
+	int ret;
+
+	st->passes_since_check = 0;
+	if (run_immediate_or_timer(st)) {
+		st->last_check_ns = evpoll_now_ns();
+		note_activity(st, st->last_check_ns);
+		return 0;
+	}
+	st->spin_fde_fired = false;
+	ret = evpoll_epoll_ops->loop_once(st->ev, location);
+	st->last_check_ns = evpoll_now_ns();
+	if (!st->spin_fde_fired) {
+		st->stats.fd_dispatches++;
+		note_activity(st, st->last_check_ns);
+	}
+	return ret;
+}
+
+int evpoll_spin_once(struct evpoll_state *st, const char *location)
+{
+	uint64_t now;
+
+	if (tevent_common_loop_immediate(st->ev)) {
+		st->stats.immediate_dispatches++;
+		note_activity(st, evpoll_now_ns());
+		return 0;
+	}
+
+	for (;;) {
+		int work;
+
+		now = evpoll_now_ns();
+		if (st->passes_since_check >= st->cfg.poll_iterations ||
+		    now - st->last_check_ns >= EVPOLL_CHECK_NS) {
+			return spin_check(st, location);
+		}
+		if (st->cfg.mode == EVPOLL_MODE_AUTO && st->pins == 0 &&
+		    now - st->last_activity_ns >= st->cfg.spin_ns) {
+			evpoll_spin_exit(st, now);
+			return 0;
+		}
+		st->passes_since_check++;
+		work = evpoll_run_polls(st);
+		if (work > 0 || !st->spinning) {
+			/* st->spinning: a callback may have reconfigured */
+			note_activity(st, now);
+			return 0;
+		}
+	}
+}
+
+int evpoll_sleep_once(struct evpoll_state *st, const char *location)
+{
+	int ret;
+
+	if (run_immediate_or_timer(st)) {
+		ret = 0;
+	} else {
+		st->stats.sleeps++;
+		ret = evpoll_epoll_ops->loop_once(st->ev, location);
+		st->stats.fd_dispatches++;
+	}
+	if (st->cfg.mode != EVPOLL_MODE_NEVER) {
+		/* whatever woke the loop counts as activity */
+		evpoll_spin_enter(st, evpoll_now_ns());
+	}
+	return ret;
+}

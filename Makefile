@@ -42,16 +42,17 @@ bin/tsan/c4che/_cache.py:
 	$(SAN_TSAN) $(WAF) configure -o bin/tsan --enable-developer \
 		--with-sanitizer=thread
 
+# sanitizer and valgrind runs use the same tests with smaller loop counts
 test-asan: bin/asan/c4che/_cache.py
-	$(SAN_ASAN) $(WAF) test
+	EVPROXY_TEST_SCALE=small $(SAN_ASAN) $(WAF) test
 
 test-tsan: bin/tsan/c4che/_cache.py
-	$(SAN_TSAN) $(WAF) test
+	EVPROXY_TEST_SCALE=small $(SAN_TSAN) $(WAF) test
 
 # valgrind memcheck over every test program (normal build)
 test-valgrind: $(CONFIGURED)
 	./buildtools/install-deps valgrind
-	EVPROXY_TEST_WRAPPER="valgrind -q --error-exitcode=99 \
+	EVPROXY_TEST_SCALE=small EVPROXY_TEST_WRAPPER="valgrind -q --error-exitcode=99 \
 		--leak-check=full --errors-for-leak-kinds=definite \
 		--show-leak-kinds=definite" $(WAF) test
 

@@ -94,6 +94,8 @@ def configure(conf):
                       execute=True, msg='Checking that %s sanitizer runs' % san)
 
     conf.find_program('nm', var='NM')
+    conf.env.TEVENT_VERSION = conf.cmd_and_log(
+        ['pkg-config', '--modversion', 'tevent']).strip()
 
 
 def _version_script(bld, name):
@@ -148,7 +150,11 @@ def build(bld):
     if bench:
         bld.program(source=bench, target='evproxy-bench',
                     includes=['include', 'lib', 'bench'],
-                    use='evproxy evpoll TEVENT TALLOC PTHREAD',
+                    defines=['TEVENT_VERSION="%s"' % bld.env.TEVENT_VERSION],
+                    lib=['m'],
+                    # static: the installed program needs no rpath
+                    use='evproxy_static evpoll_static TEVENT TALLOC '
+                        'PTHREAD',
                     install_path='${BINDIR}')
 
     for src in bld.path.ant_glob('examples/*.c'):
@@ -156,7 +162,7 @@ def build(bld):
         bld.program(source=[src], target='examples/' + prog,
                     includes=['include'],
                     use='evproxy evpoll TEVENT TALLOC PTHREAD',
-                    install_path=None)
+                    rpath=['$ORIGIN/..'], install_path=None)
 
     if bld.cmd == 'test':
         bld.add_post_fun(run_tests)

@@ -57,7 +57,13 @@ static int evpoll_context_init_op(struct tevent_context *ev)
 	}
 	st->ev = ev;
 	st->spin_fd = -1;
-	evpoll_config_load(&st->cfg, ev);
+	/*
+	 * Nobody can have set a debug hook on a context that is being
+	 * created: bad environment values are reported at the first
+	 * iteration instead.
+	 */
+	evpoll_config_load(&st->cfg, NULL);
+	st->report_env = true;
 	st->waker = evpoll_waker_new();
 	if (st->waker == NULL) {
 		talloc_free(st);
@@ -83,6 +89,12 @@ static int evpoll_loop_once_op(struct tevent_context *ev, const char *location)
 		return evpoll_epoll_ops->loop_once(ev, location);
 	}
 	st->stats.iterations++;
+	if (st->report_env) {
+		struct evpoll_config ignored;
+
+		st->report_env = false;
+		evpoll_config_load(&ignored, ev);
+	}
 	if (!st->spinning && evpoll_wants_spin(st)) {
 		evpoll_spin_enter(st, evpoll_now_ns());
 	}

@@ -83,6 +83,7 @@ struct evpoll_state {
 
 	bool spinning;
 	bool activity_pending;
+	bool report_env;	/* report bad EVPOLL_* values at first loop */
 	unsigned pins;
 	uint64_t spin_start_ns;
 	uint64_t last_activity_ns;

@@ -1,0 +1,49 @@
+/*
+ * evproxy-bench: the throughput harness shared by the mechanisms.
+ */
+#ifndef EVPROXY_BENCH_TPUT_H
+#define EVPROXY_BENCH_TPUT_H
+
+#include <stdatomic.h>
+#include <stdint.h>
+#include <talloc.h>
+#include <tevent.h>
+
+#define TPUT_MAX_PRODUCERS 8
+
+struct tput;
+
+/* One mechanism: callbacks run on the consumer or producer threads. */
+struct tput_mech {
+	void (*prepare)(struct tput *t);		/* bench thread */
+	void (*consumer_setup)(struct tput *t);		/* consumer */
+	void (*produce)(struct tput *t, unsigned idx);	/* each producer */
+	void (*consume)(struct tput *t);		/* until all arrived */
+	void (*consumer_teardown)(struct tput *t);	/* consumer */
+	void (*cleanup)(struct tput *t);		/* bench thread */
+};
+
+struct tput {
+	const struct tput_mech *m;
+	uint64_t n;		/* messages in all */
+	uint64_t per_producer;
+	unsigned producers;
+	atomic_bool ready;	/* consumer set up */
+	atomic_bool go;		/* producers may start */
+	uint64_t start_ns, end_ns;
+	uint64_t received;	/* consumer thread only */
+
+	/* mechanism state */
+	struct tevent_context *ev;
+	struct tevent_threaded_context *tctx;
+	struct tevent_thread_proxy *tp;
+	void **pre;		/* preallocated objects */
+	void *mech;		/* anything else */
+};
+
+uint64_t tput_count(void);
+double tput_median(const struct tput_mech *m, unsigned producers);
+void tput_report(const char *name, double value, const char *baseline,
+		 const char *goal);
+
+#endif

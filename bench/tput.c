@@ -1,0 +1,315 @@
+/*
+ * evproxy-bench: messages per second, producer thread(s) -> one consumer.
+ *
+ * Each run: the consumer thread builds its loop and mechanism, the
+ * producers send 'n' messages as fast as the mechanism accepts them, the
+ * run ends when the consumer has handled the last one. The reported figure
+ * is the median over bench_repeats() runs.
+ */
+#include <stdalign.h>
+#include <stdatomic.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "bench.h"
+#include "bench_tput.h"
+
+#define MSG_SIZE 64
+
+uint64_t tput_count(void)
+{
+	return bench_count(2000, 300000, 2000000);
+}
+
+/* ---- generic run ---------------------------------------------------------- */
+
+static void *consumer_main(void *arg)
+{
+	struct tput *t = arg;
+
+	t->m->consumer_setup(t);
+	atomic_store(&t->ready, true);
+	t->m->consume(t);
+	t->end_ns = bench_now_ns();
+	if (t->m->consumer_teardown != NULL) {
+		t->m->consumer_teardown(t);
+	}
+	return NULL;
+}
+
+struct producer_arg {
+	struct tput *t;
+	unsigned idx;
+};
+
+static void *producer_main(void *arg)
+{
+	struct producer_arg *a = arg;
+
+	while (!atomic_load(&a->t->go)) {
+		bench_relax();
+	}
+	a->t->m->produce(a->t, a->idx);
+	return NULL;
+}
+
+static double tput_once(const struct tput_mech *m, unsigned producers)
+{
+	struct tput t = {
+		.m = m,
+		.n = tput_count(),
+		.producers = producers,
+	};
+	pthread_t c, p[TPUT_MAX_PRODUCERS];
+	struct producer_arg pa[TPUT_MAX_PRODUCERS];
+	unsigned i;
+
+	t.per_producer = t.n / producers;
+	t.n = t.per_producer * producers;
+	if (m->prepare != NULL) {
+		m->prepare(&t);
+	}
+	bench_thread_start(&c, 1, consumer_main, &t);
+	while (!atomic_load(&t.ready)) {
+		bench_relax();
+	}
+	for (i = 0; i < producers; i++) {
+		pa[i].t = &t;
+		pa[i].idx = i;
+		bench_thread_start(&p[i], 0, producer_main, &pa[i]);
+	}
+	t.start_ns = bench_now_ns();
+	atomic_store(&t.go, true);
+	for (i = 0; i < producers; i++) {
+		pthread_join(p[i], NULL);
+	}
+	pthread_join(c, NULL);
+	if (m->cleanup != NULL) {
+		m->cleanup(&t);
+	}
+	return (double)t.n * 1e9 / (double)(t.end_ns - t.start_ns);
+}
+
+double tput_median(const struct tput_mech *m, unsigned producers)
+{
+	double v[16];
+	unsigned i, reps = bench_repeats();
+
+	for (i = 0; i < reps; i++) {
+		v[i] = tput_once(m, producers);
+	}
+	return bench_median(v, reps);
+}
+
+void tput_report(const char *name, double value, const char *baseline,
+		 const char *goal)
+{
+	struct bench_result r = {
+		.name = name, .unit = "msg/s", .value = value,
+		.baseline = baseline, .goal = goal,
+	};
+
+	bench_add(&r);
+}
+
+/* ---- floor: a bare single-producer ring ------------------------------------ */
+
+#define RING_SIZE 4096
+
+static struct {
+	alignas(64) atomic_size_t head;	/* written by the producer */
+	alignas(64) atomic_size_t tail;	/* written by the consumer */
+	alignas(64) void *slot[RING_SIZE];
+} ring;
+
+static void floor_setup(struct tput *t)
+{
+	atomic_store(&ring.head, 0);
+	atomic_store(&ring.tail, 0);
+}
+
+static void floor_produce(struct tput *t, unsigned idx)
+{
+	size_t head = 0;
+	uint64_t i;
+
+	for (i = 0; i < t->per_producer; i++) {
+		void *msg = talloc_size(NULL, MSG_SIZE);
+
+		while (head - atomic_load_explicit(&ring.tail,
+						   memory_order_acquire) ==
+		       RING_SIZE) {
+			bench_relax();
+		}
+		ring.slot[head % RING_SIZE] = msg;
+		head++;
+		atomic_store_explicit(&ring.head, head, memory_order_release);
+	}
+}
+
+static void floor_consume(struct tput *t)
+{
+	size_t tail = 0;
+
+	while (tail < t->n) {
+		while (atomic_load_explicit(&ring.head, memory_order_acquire) ==
+		       tail) {
+			bench_relax();
+		}
+		talloc_free(ring.slot[tail % RING_SIZE]);
+		tail++;
+		atomic_store_explicit(&ring.tail, tail, memory_order_release);
+	}
+}
+
+static const struct tput_mech floor_mech = {
+	.consumer_setup = floor_setup,
+	.produce = floor_produce,
+	.consume = floor_consume,
+};
+
+/* ---- tevent_threaded_schedule_immediate ------------------------------------ */
+
+static void tevent_consumer_setup(struct tput *t)
+{
+	t->ev = tevent_context_init_byname(NULL, "epoll");
+	if (t->ev == NULL) {
+		abort();
+	}
+	t->tctx = tevent_threaded_context_create(t->ev, t->ev);
+	t->tp = tevent_thread_proxy_create(t->ev);
+	if (t->tctx == NULL || t->tp == NULL) {
+		abort();
+	}
+}
+
+static void tevent_consume(struct tput *t)
+{
+	while (t->received < t->n) {
+		tevent_loop_once(t->ev);
+	}
+}
+
+static void tevent_consumer_teardown(struct tput *t)
+{
+	TALLOC_FREE(t->ev);
+}
+
+static void thr_alloc_handler(struct tevent_context *ev,
+			      struct tevent_immediate *im, void *msg)
+{
+	struct tput **pt = msg;
+
+	(*pt)->received++;
+	talloc_free(msg);
+	talloc_free(im);
+}
+
+static void thr_produce(struct tput *t, unsigned idx)
+{
+	uint64_t i;
+
+	for (i = 0; i < t->per_producer; i++) {
+		struct tevent_immediate *im = tevent_create_immediate(NULL);
+		struct tput **msg = talloc_size(NULL, MSG_SIZE);
+
+		*msg = t;
+		tevent_threaded_schedule_immediate(t->tctx, im,
+						   thr_alloc_handler, msg);
+	}
+}
+
+static const struct tput_mech thr_mech = {
+	.consumer_setup = tevent_consumer_setup,
+	.produce = thr_produce,
+	.consume = tevent_consume,
+	.consumer_teardown = tevent_consumer_teardown,
+};
+
+/* transport only: immediates allocated before timing, no message */
+
+static void thr_pre_handler(struct tevent_context *ev,
+			    struct tevent_immediate *im, void *private_data)
+{
+	struct tput *t = private_data;
+
+	t->received++;
+}
+
+static void thr_pre_prepare(struct tput *t)
+{
+	uint64_t i;
+
+	t->pre = talloc_array(NULL, void *, t->n);
+	for (i = 0; i < t->n; i++) {
+		t->pre[i] = tevent_create_immediate(t->pre);
+	}
+}
+
+static void thr_pre_produce(struct tput *t, unsigned idx)
+{
+	uint64_t i;
+
+	for (i = 0; i < t->per_producer; i++) {
+		tevent_threaded_schedule_immediate(t->tctx, t->pre[i],
+						   thr_pre_handler, t);
+	}
+}
+
+static void pre_cleanup(struct tput *t)
+{
+	TALLOC_FREE(t->pre);
+}
+
+static const struct tput_mech thr_pre_mech = {
+	.prepare = thr_pre_prepare,
+	.consumer_setup = tevent_consumer_setup,
+	.produce = thr_pre_produce,
+	.consume = tevent_consume,
+	.consumer_teardown = tevent_consumer_teardown,
+	.cleanup = pre_cleanup,
+};
+
+/* ---- tevent_thread_proxy_schedule ------------------------------------------ */
+
+static void proxy_handler(struct tevent_context *ev,
+			  struct tevent_immediate *im, void *msg)
+{
+	/* tevent owns and frees both the immediate and the message */
+	struct tput **pt = msg;
+
+	(*pt)->received++;
+}
+
+static void proxy_produce(struct tput *t, unsigned idx)
+{
+	uint64_t i;
+
+	for (i = 0; i < t->per_producer; i++) {
+		struct tevent_immediate *im = tevent_create_immediate(NULL);
+		struct tput **msg = talloc_size(NULL, MSG_SIZE);
+
+		*msg = t;
+		tevent_thread_proxy_schedule(t->tp, &im, proxy_handler, &msg);
+	}
+}
+
+static const struct tput_mech proxy_mech = {
+	.consumer_setup = tevent_consumer_setup,
+	.produce = proxy_produce,
+	.consume = tevent_consume,
+	.consumer_teardown = tevent_consumer_teardown,
+};
+
+void bench_tput(void)
+{
+	tput_report("floor_tput_talloc", tput_median(&floor_mech, 1), NULL,
+		    "the allocator floor");
+	tput_report("tput_tevent_threaded", tput_median(&thr_mech, 1),
+		    "floor_tput_talloc", NULL);
+	tput_report("tput_tevent_threaded_prealloc",
+		    tput_median(&thr_pre_mech, 1), "floor_tput_talloc", NULL);
+	tput_report("tput_tevent_proxy", tput_median(&proxy_mech, 1),
+		    "floor_tput_talloc", NULL);
+}

@@ -13,6 +13,7 @@
 #define EVPROXY_H
 
 #include <stdbool.h>
+#include <stddef.h>
 #include <stdint.h>
 #include <talloc.h>
 #include <tevent.h>
@@ -140,6 +141,201 @@ void evproxy_ringer_unref(struct evproxy_ringer *r);
  */
 int evproxy_doorbell_get_stats(struct evproxy_doorbell *db,
 			       struct evproxy_doorbell_stats *st);
+
+/** @} */
+
+/**
+ * @defgroup evproxy_msg Cross-thread messages
+ *
+ * An evproxy delivers talloc messages from any thread to handlers on its
+ * destination loop, in FIFO order per sending thread, with no syscall per
+ * message while the destination is busy or spinning, and no lock on the
+ * send path.
+ *
+ * Ownership rules (checked where talloc allows; see evproxy_send()):
+ * - a message is a top-level talloc chunk: its parent is the NULL context
+ *   and it has no talloc references;
+ * - it is not allocated from, and does not contain, a talloc pool, and has
+ *   no destructor (talloc cannot tell; the destination thread would run a
+ *   destructor or update a pool header);
+ * - talloc null tracking must be disabled, by calling
+ *   talloc_disable_null_tracking() in main() before any thread starts:
+ *   with null tracking on, every top-level chunk hangs off one global
+ *   context that talloc does not lock. evproxy_msg_new() allocates a
+ *   conforming message and fails (EINVAL) while null tracking is on.
+ *
+ * On success of a send the message belongs to the destination and the
+ * sender's pointer is set to NULL; on ANY error the sender still owns it,
+ * untouched. In the handler the message belongs to the destination loop:
+ * talloc_steal() it to keep it, otherwise it is freed when the handler
+ * returns.
+ *
+ * @{
+ */
+
+struct evproxy;
+struct evproxy_sender;
+
+/** Configuration of an evproxy. */
+struct evproxy_config {
+	/**
+	 * Maximum number of queued messages; a send to a full queue fails
+	 * with EAGAIN (see evproxy_send_send() to wait instead). 0 (the
+	 * default) means unbounded. A bounded queue allocates nothing per
+	 * message; an unbounded one grows by doubling.
+	 */
+	size_t capacity;
+	/**
+	 * Maximum number of messages handled in one loop iteration before
+	 * the loop serves its other events. Default 128; 0 is invalid.
+	 */
+	unsigned batch;
+};
+
+/** Statistics of an evproxy, see evproxy_get_stats(). */
+struct evproxy_stats {
+	/** messages delivered to handlers */
+	uint64_t delivered;
+	/** messages freed undelivered because the destination went away */
+	uint64_t discarded;
+	/** wake-ups of the destination written to the kernel (eventfd) */
+	uint64_t kernel_wakeups;
+	/** times the consumer drained a batch */
+	uint64_t batches;
+};
+
+/** Message handler, run on the destination loop. */
+typedef void (*evproxy_msg_handler_t)(struct tevent_context *ev, void *msg,
+				      void *private_data);
+
+/** Fill @p cfg with the defaults (unbounded, batch 128). Any thread. */
+void evproxy_config_default(struct evproxy_config *cfg);
+
+/**
+ * Create an evproxy delivering to @p dest_ev. Destination owner thread.
+ *
+ * @param mem_ctx	talloc parent; talloc_free() destroys the evproxy:
+ *			queued messages are freed, later sends fail with
+ *			ECANCELED, waiting evproxy_send_send() requests fail
+ *			with ECANCELED.
+ * @param dest_ev	the destination loop (any backend)
+ * @param cfg		NULL for the defaults
+ * @return the evproxy, or NULL with errno EINVAL (NULL @p dest_ev, batch
+ *         0), ENOMEM, or EMFILE/ENFILE.
+ */
+struct evproxy *evproxy_create(TALLOC_CTX *mem_ctx,
+			       struct tevent_context *dest_ev,
+			       const struct evproxy_config *cfg);
+
+/**
+ * Get a sending handle for other threads. Destination owner thread.
+ * The handle stays valid after the evproxy is freed (sends then fail with
+ * ECANCELED); release it with evproxy_sender_unref().
+ * @return a new reference, or NULL with errno EINVAL.
+ */
+struct evproxy_sender *evproxy_sender(struct evproxy *p);
+
+/** Take another reference. Any thread. @return @p s. */
+struct evproxy_sender *evproxy_sender_ref(struct evproxy_sender *s);
+
+/** Drop a reference; the last one frees the handle. Any thread. */
+void evproxy_sender_unref(struct evproxy_sender *s);
+
+/**
+ * Send a message. Any thread; lock-free; no syscall unless the destination
+ * loop is idle.
+ *
+ * @param s		a sender handle
+ * @param handler	run on the destination loop with the message
+ * @param private_data	passed to @p handler (not owned by evproxy)
+ * @param pmsg		address of the caller's pointer to the message, as
+ *			with talloc_move(); set to NULL on success
+ * @return 0 (ownership moved), EAGAIN (bounded queue full), ECANCELED
+ *         (destination gone), ENOMEM (an unbounded queue could not grow),
+ *         or EINVAL (NULL argument, NULL message, or a message that
+ *         breaks the ownership rules: it has a parent, null tracking is
+ *         on, or it has talloc references). On every error the caller
+ *         still owns the message, untouched.
+ */
+int evproxy_send(struct evproxy_sender *s, evproxy_msg_handler_t handler,
+		 void *private_data, void *pmsg);
+
+/**
+ * Send with backpressure: completes once the message is queued, waiting on
+ * the sender's own loop @p ev while the queue is full (the destination
+ * wakes @p ev through a doorbell when space appears). Thread of @p ev.
+ *
+ * The caller's pointer *@p pmsg must stay valid until the request
+ * completes or is freed: it is set to NULL when the message is queued, and
+ * left untouched (the caller still owns the message) on error or when the
+ * request is freed before completion.
+ *
+ * @return the request, or NULL (ENOMEM). Errors are reported by
+ *         evproxy_send_recv(): the errors of evproxy_send() except EAGAIN.
+ */
+struct tevent_req *evproxy_send_send(TALLOC_CTX *mem_ctx,
+				     struct tevent_context *ev,
+				     struct evproxy_sender *s,
+				     evproxy_msg_handler_t handler,
+				     void *private_data, void *pmsg);
+
+/** @return 0 once queued, or an errno value. */
+int evproxy_send_recv(struct tevent_req *req);
+
+/**
+ * Allocate a message that follows the ownership rules: a zeroed top-level
+ * talloc chunk of @p size bytes named @p name. Any thread.
+ * @return the message, or NULL with errno ENOMEM, or EINVAL when talloc
+ *         null tracking is enabled (see above).
+ */
+void *evproxy_msg_new(size_t size, const char *name);
+
+/**
+ * Read the statistics of an evproxy. Destination owner thread.
+ * @return 0 or EINVAL.
+ */
+int evproxy_get_stats(struct evproxy *p, struct evproxy_stats *st);
+
+/** @} */
+
+/**
+ * @defgroup evproxy_thread_proxy tevent_thread_proxy drop-in
+ *
+ * The same contract as tevent_thread_proxy_create() and
+ * tevent_thread_proxy_schedule(): a program switches by renaming the two
+ * calls. Differences: FIFO order per sending thread (tevent delivers a
+ * batch in reverse), no syscall and no lock per message, and the handler
+ * is called directly from the proxy's delivery (not as a scheduled
+ * immediate), so @p im is not scheduled when the handler runs. As with
+ * tevent, the proxy belongs to the destination and senders must not use it
+ * after the destination context is freed; use evproxy_sender() handles
+ * where that cannot be guaranteed.
+ *
+ * @{
+ */
+
+struct evproxy_thread_proxy;
+
+/**
+ * Create a drop-in thread proxy as a talloc child of @p dest_ev.
+ * Destination owner thread.
+ * @return the proxy, or NULL with errno set (EINVAL, ENOMEM, EMFILE).
+ */
+struct evproxy_thread_proxy *evproxy_thread_proxy_create(
+	struct tevent_context *dest_ev);
+
+/**
+ * Have @p handler run on the destination with *@p pp_im and the pointer
+ * in *@p pp_private_data, whose ownership moves to the library (both are
+ * talloc chunks of the calling thread or the NULL context; both pointers
+ * are set to NULL). They are freed after the handler returns unless the
+ * handler talloc_steal()s them. On error (NULL arguments aside) they are
+ * freed, as tevent does. Any thread.
+ */
+void evproxy_thread_proxy_schedule(struct evproxy_thread_proxy *tp,
+				   struct tevent_immediate **pp_im,
+				   tevent_immediate_handler_t handler,
+				   void *pp_private_data);
 
 /** @} */
 

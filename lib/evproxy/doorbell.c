@@ -37,6 +37,7 @@
 
 #include "evpoll.h"
 #include "evproxy.h"
+#include "frame.h"
 #include "visibility.h"
 
 #define PENDING_DEAD (1ULL << 63)
@@ -76,7 +77,8 @@ struct evproxy_doorbell {
 	void *private_data;
 	uint64_t delivered;
 	uint64_t handler_calls;
-	bool *freed;	/* set by the destructor while the handler runs */
+	/* deliveries in progress (nested loops nest them) */
+	struct evproxy_frame *frames;
 };
 
 /*
@@ -173,7 +175,7 @@ static void drain(struct evproxy_ringer *r)
 static uint64_t deliver(struct evproxy_doorbell *db)
 {
 	uint_fast64_t n;
-	bool freed = false;
+	struct evproxy_frame frame;
 
 	/* acquire: see what ringers published before their rings */
 	n = atomic_exchange_explicit(&db->r->pending, 0, memory_order_acquire);
@@ -183,10 +185,10 @@ static uint64_t deliver(struct evproxy_doorbell *db)
 	}
 	db->delivered += n;
 	db->handler_calls++;
-	db->freed = &freed;
+	evproxy_frame_push(&db->frames, &frame);
 	db->handler(db->ev, db, n, db->private_data);
-	if (!freed) {
-		db->freed = NULL;
+	if (!frame.freed) {
+		evproxy_frame_pop(&db->frames, &frame);
 	}
 	return n;
 }
@@ -235,9 +237,7 @@ static void doorbell_poll_exit(struct tevent_context *ev, void *private_data)
 
 static int doorbell_destructor(struct evproxy_doorbell *db)
 {
-	if (db->freed != NULL) {
-		*db->freed = true;
-	}
+	evproxy_frames_freed(db->frames);
 	/* rings from now on return ECANCELED; pending ones are discarded */
 	atomic_fetch_or_explicit(&db->r->pending, PENDING_DEAD,
 				 memory_order_seq_cst);

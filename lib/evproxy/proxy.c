@@ -1,0 +1,402 @@
+/*
+ * evproxy: cross-thread messages onto a tevent loop.
+ *
+ * Senders push into an evq (queue.c) and wake the destination only when it
+ * announced itself idle (see 'idle' in proxy_internal.h). The destination
+ * drains through an internal doorbell: its tevent_fd when the loop sleeps,
+ * and, on an evpoll loop that spins, a poll callback that reads the queue
+ * directly, so a spinning destination costs senders no syscall and no
+ * write to a line the destination writes.
+ */
+#include <errno.h>
+#include <sched.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "evpoll.h"
+#include "frame.h"
+#include "proxy_internal.h"
+
+#define EVPROXY_DEFAULT_BATCH 128
+
+static void core_release(struct evproxy_sender *s)
+{
+	struct evq_item item;
+
+	if (atomic_fetch_sub_explicit(&s->refs, 1, memory_order_acq_rel) !=
+	    1) {
+		return;
+	}
+	/* nobody can push any more: free what is left */
+	while (evq_pop(&s->q, &item)) {
+		evproxy_item_free(s->kind, &item);
+	}
+	evq_destroy(&s->q);
+	evproxy_ringer_unref(s->ringer);
+	pthread_mutex_destroy(&s->wait_lock);
+	free(s);
+}
+
+void evproxy_item_free(enum evproxy_kind kind, const struct evq_item *item)
+{
+	talloc_free(item->msg);
+	if (kind == EVPROXY_IMMEDIATES) {
+		talloc_free(item->private_data);
+	}
+}
+
+int evproxy_push(struct evproxy_sender *s, const struct evq_item *item)
+{
+	int ret;
+
+	/* seq_cst RMW then seq_cst load: pairs with the destructor */
+	atomic_fetch_add_explicit(&s->inflight, 1, memory_order_seq_cst);
+	if (atomic_load_explicit(&s->dead, memory_order_seq_cst)) {
+		ret = ECANCELED;
+		goto out;
+	}
+	ret = evq_push(&s->q, item);
+	if (ret != 0) {
+		goto out;
+	}
+	/* publish (in evq_push) -> fence -> load idle: see 'idle' */
+	atomic_thread_fence(memory_order_seq_cst);
+	if (atomic_load_explicit(&s->idle, memory_order_relaxed) &&
+	    atomic_exchange_explicit(&s->idle, false, memory_order_relaxed)) {
+		evproxy_ringer_ring(s->ringer);
+	}
+out:
+	/* release: our queue writes come before the destructor's drain */
+	atomic_fetch_sub_explicit(&s->inflight, 1, memory_order_release);
+	return ret;
+}
+
+/*
+ * The destination stops looking at the queue until woken. Returns true if
+ * it must keep draining: an item arrived meanwhile.
+ */
+static bool go_idle(struct evproxy_sender *s)
+{
+	atomic_store_explicit(&s->idle, true, memory_order_relaxed);
+	/* store idle -> fence -> check queue: see 'idle' */
+	atomic_thread_fence(memory_order_seq_cst);
+	if (!evq_ready(&s->q)) {
+		return false;
+	}
+	/*
+	 * If a sender won the exchange it rang the doorbell too; draining
+	 * now is still right, the ring then finds less or nothing.
+	 */
+	atomic_store_explicit(&s->idle, false, memory_order_relaxed);
+	return true;
+}
+
+static void deliver(struct evproxy *p, const struct evq_item *item,
+		    void *holder)
+{
+	p->delivered++;
+	/* the item belongs to this thread now: hold it while the handler runs */
+	talloc_steal(holder, item->msg);
+	if (p->core->kind == EVPROXY_MESSAGES) {
+		evproxy_msg_handler_t fn = (evproxy_msg_handler_t)item->fn;
+
+		fn(p->ev, item->msg, item->private_data);
+	} else {
+		tevent_immediate_handler_t fn =
+			(tevent_immediate_handler_t)item->fn;
+
+		talloc_steal(holder, item->private_data);
+		fn(p->ev, item->msg, item->private_data);
+	}
+}
+
+/*
+ * Deliver up to p->batch items. Returns the number delivered; *freed tells
+ * whether a handler freed the evproxy (then p must not be touched).
+ */
+static unsigned drain(struct evproxy *p, bool *freed)
+{
+	struct evproxy_sender *s = p->core;
+	struct evq_item item;
+	struct evproxy_frame frame;
+	void *holder = p->spare_holder;
+	unsigned n = 0;
+
+	*freed = false;
+	p->spare_holder = NULL;	/* a nested drain makes its own */
+	if (holder == NULL) {
+		holder = talloc_new(NULL);
+		if (holder == NULL) {
+			return 0;
+		}
+	}
+	evproxy_frame_push(&p->frames, &frame);
+	while (n < p->batch && evq_pop(&s->q, &item)) {
+		n++;
+		deliver(p, &item, holder);
+		/* whatever the handler did not steal goes now */
+		talloc_free_children(holder);
+		if (frame.freed) {
+			break;
+		}
+	}
+	if (frame.freed) {
+		*freed = true;
+		talloc_free(holder);
+		return n;
+	}
+	evproxy_frame_pop(&p->frames, &frame);
+	if (p->spare_holder == NULL) {
+		p->spare_holder = holder;
+	} else {
+		talloc_free(holder);
+	}
+	if (n > 0) {
+		p->batches++;
+		evproxy_wake_waiters(s);
+	}
+	return n;
+}
+
+/* The doorbell: rung by senders when the destination was idle. */
+static void doorbell_handler(struct tevent_context *ev,
+			     struct evproxy_doorbell *db, uint64_t rings,
+			     void *private_data)
+{
+	struct evproxy *p = private_data;
+	bool freed;
+	unsigned n = drain(p, &freed);
+
+	if (freed) {
+		return;
+	}
+	if (n == p->batch) {
+		/* more may wait: let other events run, then come back */
+		evproxy_ring_doorbell(p->db);
+		return;
+	}
+	if (p->poll != NULL && evpoll_is_spinning(ev)) {
+		/* the poll callback watches the queue while spinning */
+		return;
+	}
+	if (go_idle(p->core)) {
+		evproxy_ring_doorbell(p->db);
+	}
+}
+
+/* evpoll: while the loop spins, read the queue directly. */
+static void poll_enter(struct tevent_context *ev, void *private_data)
+{
+	struct evproxy *p = private_data;
+
+	atomic_store_explicit(&p->core->idle, false, memory_order_relaxed);
+}
+
+static int poll_queue(struct tevent_context *ev, void *private_data)
+{
+	struct evproxy *p = private_data;
+	bool freed;
+
+	if (!evq_ready(&p->core->q)) {
+		return 0;
+	}
+	return (int)drain(p, &freed);
+}
+
+static void poll_exit(struct tevent_context *ev, void *private_data)
+{
+	struct evproxy *p = private_data;
+
+	if (go_idle(p->core)) {
+		/* an item slipped in: the loop must not sleep on it */
+		evproxy_ring_doorbell(p->db);
+	}
+}
+
+static int evproxy_destructor(struct evproxy *p)
+{
+	struct evproxy_sender *s = p->core;
+	struct evq_item item;
+
+	evproxy_frames_freed(p->frames);
+	/* see 'dead' in proxy_internal.h */
+	atomic_store_explicit(&s->dead, true, memory_order_seq_cst);
+	while (atomic_load_explicit(&s->inflight, memory_order_acquire) !=
+	       0) {
+		sched_yield();
+	}
+	while (evq_pop(&s->q, &item)) {
+		evproxy_item_free(s->kind, &item);
+		atomic_fetch_add_explicit(&s->discarded, 1,
+					  memory_order_relaxed);
+	}
+	/* waiting senders retry and get ECANCELED */
+	evproxy_wake_waiters(s);
+	TALLOC_FREE(p->poll);
+	TALLOC_FREE(p->db);
+	talloc_free(p->spare_holder);
+	core_release(s);
+	return 0;
+}
+
+static struct evproxy_sender *core_new(const struct evproxy_config *cfg,
+				       enum evproxy_kind kind)
+{
+	struct evproxy_sender *s = aligned_alloc(64, sizeof(*s));
+
+	if (s == NULL) {
+		return NULL;
+	}
+	memset(s, 0, sizeof(*s));
+	if (evq_init(&s->q, cfg->capacity) != 0) {
+		free(s);
+		return NULL;
+	}
+	if (pthread_mutex_init(&s->wait_lock, NULL) != 0) {
+		evq_destroy(&s->q);
+		free(s);
+		return NULL;
+	}
+	s->kind = kind;
+	atomic_init(&s->refs, 1);
+	atomic_init(&s->dead, false);
+	atomic_init(&s->inflight, 0);
+	atomic_init(&s->idle, true);
+	atomic_init(&s->nwaiters, 0);
+	atomic_init(&s->discarded, 0);
+	return s;
+}
+
+struct evproxy *evproxy_create_kind(TALLOC_CTX *mem_ctx,
+				    struct tevent_context *dest_ev,
+				    const struct evproxy_config *cfg,
+				    enum evproxy_kind kind)
+{
+	struct evproxy_config defaults;
+	struct evproxy *p;
+	int err;
+
+	if (cfg == NULL) {
+		evproxy_config_default(&defaults);
+		cfg = &defaults;
+	}
+	if (dest_ev == NULL || cfg->batch == 0) {
+		errno = EINVAL;
+		return NULL;
+	}
+	p = talloc_zero(mem_ctx, struct evproxy);
+	if (p == NULL) {
+		errno = ENOMEM;
+		return NULL;
+	}
+	p->ev = dest_ev;
+	p->batch = cfg->batch;
+	p->core = core_new(cfg, kind);
+	if (p->core == NULL) {
+		talloc_free(p);
+		errno = ENOMEM;
+		return NULL;
+	}
+	p->db = evproxy_add_doorbell(dest_ev, p, doorbell_handler, p);
+	if (p->db == NULL) {
+		err = errno;
+		core_release(p->core);
+		talloc_free(p);
+		errno = err;
+		return NULL;
+	}
+	p->core->ringer = evproxy_doorbell_ringer(p->db);
+	talloc_set_destructor(p, evproxy_destructor);
+	if (evpoll_is_evpoll(dest_ev)) {
+		p->poll = evpoll_add_poll(dest_ev, p, poll_enter, poll_exit,
+					  poll_queue, p);
+		if (p->poll == NULL) {
+			talloc_free(p);
+			errno = ENOMEM;
+			return NULL;
+		}
+	}
+	return p;
+}
+
+_PUBLIC_ void evproxy_config_default(struct evproxy_config *cfg)
+{
+	if (cfg == NULL) {
+		return;
+	}
+	cfg->capacity = 0;
+	cfg->batch = EVPROXY_DEFAULT_BATCH;
+}
+
+_PUBLIC_ struct evproxy *evproxy_create(TALLOC_CTX *mem_ctx,
+					struct tevent_context *dest_ev,
+					const struct evproxy_config *cfg)
+{
+	return evproxy_create_kind(mem_ctx, dest_ev, cfg, EVPROXY_MESSAGES);
+}
+
+_PUBLIC_ struct evproxy_sender *evproxy_sender(struct evproxy *p)
+{
+	if (p == NULL) {
+		errno = EINVAL;
+		return NULL;
+	}
+	return evproxy_sender_ref(p->core);
+}
+
+_PUBLIC_ struct evproxy_sender *evproxy_sender_ref(struct evproxy_sender *s)
+{
+	if (s != NULL) {
+		atomic_fetch_add_explicit(&s->refs, 1, memory_order_relaxed);
+	}
+	return s;
+}
+
+_PUBLIC_ void evproxy_sender_unref(struct evproxy_sender *s)
+{
+	if (s != NULL) {
+		core_release(s);
+	}
+}
+
+_PUBLIC_ int evproxy_send(struct evproxy_sender *s,
+			  evproxy_msg_handler_t handler, void *private_data,
+			  void *pmsg)
+{
+	void **pp = pmsg;
+	struct evq_item item;
+	int ret;
+
+	if (s == NULL || handler == NULL || pp == NULL || *pp == NULL ||
+	    s->kind != EVPROXY_MESSAGES) {
+		return EINVAL;
+	}
+	ret = evproxy_msg_check(*pp);
+	if (ret != 0) {
+		return ret;
+	}
+	item.msg = *pp;
+	item.fn = (void *)handler;
+	item.private_data = private_data;
+	ret = evproxy_push(s, &item);
+	if (ret == 0) {
+		*pp = NULL;
+	}
+	return ret;
+}
+
+_PUBLIC_ int evproxy_get_stats(struct evproxy *p, struct evproxy_stats *st)
+{
+	struct evproxy_doorbell_stats dbs;
+
+	if (p == NULL || st == NULL) {
+		return EINVAL;
+	}
+	evproxy_doorbell_get_stats(p->db, &dbs);
+	st->delivered = p->delivered;
+	st->discarded = atomic_load_explicit(&p->core->discarded,
+					     memory_order_relaxed);
+	st->kernel_wakeups = dbs.kernel_wakeups;
+	st->batches = p->batches;
+	return 0;
+}

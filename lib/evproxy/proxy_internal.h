@@ -1,0 +1,107 @@
+/*
+ * evproxy internals shared by proxy.c, send_req.c and thread_proxy.c.
+ */
+#ifndef EVPROXY_PROXY_INTERNAL_H
+#define EVPROXY_PROXY_INTERNAL_H
+
+#include <stdalign.h>
+#include <stdatomic.h>
+
+#include "evproxy.h"
+#include "queue.h"
+#include "visibility.h"
+
+/* How the destination hands a queued item to the user. */
+enum evproxy_kind {
+	EVPROXY_MESSAGES,	/* msg, evproxy_msg_handler_t, private_data */
+	EVPROXY_IMMEDIATES,	/* im, tevent_immediate_handler_t, private */
+};
+
+/* A sender blocked on a full queue, see send_req.c. */
+struct evproxy_waiter {
+	struct evproxy_waiter *prev, *next;
+	struct evproxy_ringer *ringer;	/* wakes the waiting loop */
+	bool listed;			/* under wait_lock */
+};
+
+/*
+ * The part shared with sending threads (malloc, refcounted):
+ * struct evproxy_sender IS this core; a sender handle is a reference.
+ */
+struct evproxy_sender {
+	/*
+	 * relaxed increments (the caller holds a reference); acq_rel
+	 * decrement: the last owner sees every other use before freeing.
+	 */
+	atomic_uint refs;
+	enum evproxy_kind kind;
+	/* wakes the destination's loop; its doorbell lives there */
+	struct evproxy_ringer *ringer;
+
+	/*
+	 * Destination gone. Stored (seq_cst) by the destination, then it
+	 * waits for 'inflight' to drop to 0; a sender increments 'inflight'
+	 * (seq_cst) BEFORE loading 'dead' (seq_cst). So either the
+	 * destination waits for the send to finish and then drains the
+	 * message, or the sender sees 'dead' and returns ECANCELED: a message
+	 * is never queued after the final drain.
+	 */
+	alignas(64) atomic_bool dead;
+	atomic_uint inflight;
+
+	/*
+	 * True while the destination may not look at the queue without a
+	 * wake-up. The destination stores true, then a seq_cst fence, then
+	 * checks the queue; a sender publishes its message, then a seq_cst
+	 * fence, then loads 'idle'. One side sees the other; the sender that
+	 * exchanges 'idle' from true to false rings the doorbell.
+	 */
+	alignas(64) atomic_bool idle;
+
+	/*
+	 * Senders waiting for space (bounded queues). A waiter registers
+	 * (nwaiters++ seq_cst, under the lock) and then retries; the
+	 * consumer frees slots (release stores), then a seq_cst fence, then
+	 * loads nwaiters. So either the retry sees the space or the consumer
+	 * sees the waiter and rings it.
+	 */
+	alignas(64) atomic_uint nwaiters;
+	pthread_mutex_t wait_lock;
+	struct evproxy_waiter *waiters;
+
+	/* relaxed counters: statistics only */
+	atomic_uint_fast64_t discarded;
+
+	struct evq q;
+};
+
+struct evproxy {
+	struct tevent_context *ev;
+	struct evproxy_sender *core;
+	struct evproxy_doorbell *db;
+	struct evpoll_poll *poll;
+	unsigned batch;
+	void *spare_holder;	/* holds a message while its handler runs */
+	struct evproxy_frame *frames;	/* deliveries in progress */
+	uint64_t delivered;
+	uint64_t batches;
+};
+
+struct evproxy *evproxy_create_kind(TALLOC_CTX *mem_ctx,
+				    struct tevent_context *dest_ev,
+				    const struct evproxy_config *cfg,
+				    enum evproxy_kind kind);
+
+/* Queue an item and wake the destination. 0, EAGAIN, ECANCELED, ENOMEM. */
+int evproxy_push(struct evproxy_sender *s, const struct evq_item *item);
+
+/* send_req.c: the consumer rings every registered waiter */
+void evproxy_wake_waiters(struct evproxy_sender *s);
+
+/* Free an undelivered item according to the queue's kind. */
+void evproxy_item_free(enum evproxy_kind kind, const struct evq_item *item);
+
+/* Check the ownership rules of a message; 0 or EINVAL. */
+int evproxy_msg_check(const void *msg);
+
+#endif

@@ -1,0 +1,227 @@
+/*
+ * evq: see queue.h for the design and the memory-ordering pairs.
+ */
+#include <errno.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "queue.h"
+
+#define EVQ_SEALED (1ULL << 63)
+#define EVQ_FIRST_RING 1024
+
+static struct evq_ring *ring_new(uint64_t size)
+{
+	struct evq_ring *r;
+	size_t bytes = sizeof(*r) + size * sizeof(struct evq_slot);
+	uint64_t i;
+
+	if (size == 0 || size > (SIZE_MAX - sizeof(*r)) /
+	    sizeof(struct evq_slot)) {
+		return NULL;
+	}
+	/* aligned_alloc wants a multiple of the alignment */
+	bytes = (bytes + 63) & ~(size_t)63;
+	r = aligned_alloc(64, bytes);
+	if (r == NULL) {
+		return NULL;
+	}
+	memset(r, 0, bytes);
+	r->size = size;
+	r->mask = (size & (size - 1)) == 0 ? size - 1 : 0;
+	for (i = 0; i < size; i++) {
+		atomic_init(&r->slots[i].seq, i);
+	}
+	atomic_init(&r->tail, 0);
+	atomic_init(&r->next, NULL);
+	return r;
+}
+
+static inline struct evq_slot *slot_at(struct evq_ring *r, uint64_t pos)
+{
+	if (r->mask != 0 || r->size == 1) {
+		return &r->slots[pos & r->mask];
+	}
+	return &r->slots[pos % r->size];
+}
+
+int evq_init(struct evq *q, uint64_t capacity)
+{
+	struct evq_ring *r;
+
+	memset(q, 0, sizeof(*q));
+	q->bounded = capacity != 0;
+	r = ring_new(q->bounded ? capacity : EVQ_FIRST_RING);
+	if (r == NULL) {
+		return ENOMEM;
+	}
+	if (pthread_mutex_init(&q->grow_lock, NULL) != 0) {
+		free(r);
+		return ENOMEM;
+	}
+	atomic_init(&q->cur, r);
+	q->first = r;
+	return 0;
+}
+
+void evq_destroy(struct evq *q)
+{
+	struct evq_ring *r, *next;
+
+	for (r = q->retired; r != NULL; r = next) {
+		next = r->retired_next;
+		free(r);
+	}
+	for (r = q->first; r != NULL; r = next) {
+		next = atomic_load_explicit(&r->next, memory_order_relaxed);
+		free(r);
+	}
+	pthread_mutex_destroy(&q->grow_lock);
+	q->first = NULL;
+	q->retired = NULL;
+}
+
+/* Link a ring twice the size after 'full' and seal 'full'. */
+static struct evq_ring *grow(struct evq *q, struct evq_ring *full)
+{
+	struct evq_ring *next;
+
+	pthread_mutex_lock(&q->grow_lock);
+	next = atomic_load_explicit(&full->next, memory_order_acquire);
+	if (next == NULL) {
+		next = ring_new(full->size * 2);
+		if (next == NULL) {
+			pthread_mutex_unlock(&q->grow_lock);
+			return NULL;
+		}
+		/* release: the new ring's contents before its address */
+		atomic_store_explicit(&full->next, next, memory_order_release);
+		atomic_store_explicit(&q->cur, next, memory_order_release);
+		/*
+		 * Seal after linking: whoever sees the sealed bit (acquire,
+		 * or a failed CAS followed by an acquire load) finds next.
+		 */
+		atomic_fetch_or_explicit(&full->tail, EVQ_SEALED,
+					 memory_order_acq_rel);
+	}
+	pthread_mutex_unlock(&q->grow_lock);
+	return next;
+}
+
+int evq_push(struct evq *q, const struct evq_item *item)
+{
+	struct evq_ring *r = atomic_load_explicit(&q->cur,
+						  memory_order_acquire);
+	uint_fast64_t pos = atomic_load_explicit(&r->tail,
+						 memory_order_acquire);
+
+	for (;;) {
+		struct evq_slot *s;
+		uint_fast64_t seq;
+		int64_t diff;
+
+		if (pos & EVQ_SEALED) {
+			r = atomic_load_explicit(&r->next,
+						 memory_order_acquire);
+			pos = atomic_load_explicit(&r->tail,
+						   memory_order_acquire);
+			continue;
+		}
+		s = slot_at(r, pos);
+		/* acquire: the consumer is done with the slot's old contents */
+		seq = atomic_load_explicit(&s->seq, memory_order_acquire);
+		diff = (int64_t)(seq - pos);
+		if (diff == 0) {
+			if (atomic_compare_exchange_weak_explicit(
+				    &r->tail, &pos, pos + 1,
+				    memory_order_acquire,
+				    memory_order_acquire)) {
+				s->msg = item->msg;
+				s->fn = item->fn;
+				s->private_data = item->private_data;
+				/* release: publish the slot's contents */
+				atomic_store_explicit(&s->seq, pos + 1,
+						      memory_order_release);
+				return 0;
+			}
+			/* pos now holds the current tail */
+			continue;
+		}
+		if (diff < 0) {
+			/* the slot still holds an unconsumed item: full */
+			if (q->bounded) {
+				return EAGAIN;
+			}
+			r = grow(q, r);
+			if (r == NULL) {
+				return ENOMEM;
+			}
+			pos = atomic_load_explicit(&r->tail,
+						   memory_order_acquire);
+			continue;
+		}
+		/* another producer took pos */
+		pos = atomic_load_explicit(&r->tail, memory_order_acquire);
+	}
+}
+
+/* Consumer: move past rings that are sealed and drained. */
+static struct evq_ring *consumer_ring(struct evq *q)
+{
+	struct evq_ring *r = q->first;
+
+	for (;;) {
+		uint_fast64_t tail = atomic_load_explicit(&r->tail,
+							  memory_order_acquire);
+		struct evq_ring *next;
+
+		if (!(tail & EVQ_SEALED) || r->head < (tail & ~EVQ_SEALED)) {
+			return r;
+		}
+		next = atomic_load_explicit(&r->next, memory_order_acquire);
+		q->first = next;
+		r->retired_next = q->retired;
+		q->retired = r;
+		r = next;
+	}
+}
+
+bool evq_ready(struct evq *q)
+{
+	struct evq_ring *r = q->first;
+	struct evq_slot *s = slot_at(r, r->head);
+
+	if (atomic_load_explicit(&s->seq, memory_order_acquire) ==
+	    r->head + 1) {
+		return true;
+	}
+	r = consumer_ring(q);
+	s = slot_at(r, r->head);
+	return atomic_load_explicit(&s->seq, memory_order_acquire) ==
+	       r->head + 1;
+}
+
+bool evq_pop(struct evq *q, struct evq_item *item)
+{
+	struct evq_ring *r = q->first;
+	struct evq_slot *s = slot_at(r, r->head);
+	uint64_t pos = r->head;
+
+	/* acquire: pairs with the producer's release store of seq */
+	if (atomic_load_explicit(&s->seq, memory_order_acquire) != pos + 1) {
+		r = consumer_ring(q);
+		pos = r->head;
+		s = slot_at(r, pos);
+		if (atomic_load_explicit(&s->seq, memory_order_acquire) !=
+		    pos + 1) {
+			return false;
+		}
+	}
+	item->msg = s->msg;
+	item->fn = s->fn;
+	item->private_data = s->private_data;
+	/* release: the slot is free for the lap after this one */
+	atomic_store_explicit(&s->seq, pos + r->size, memory_order_release);
+	r->head = pos + 1;
+	return true;
+}

@@ -1,0 +1,79 @@
+/*
+ * evq: the multi-producer, single-consumer message queue behind evproxy.
+ *
+ * A ring of slots with per-slot sequence numbers (the classic bounded
+ * array queue): a producer claims position 'pos' with a CAS on the ring's
+ * tail, writes the slot, then publishes it by storing seq = pos + 1
+ * (release); the consumer takes the slot at its head when seq == pos + 1
+ * (acquire) and frees it for the next lap with seq = pos + size (release).
+ *
+ * Bounded queues are one ring of exactly 'capacity' slots: a full ring
+ * gives EAGAIN. Unbounded queues are a chain of rings, each twice the size
+ * of the one before: a producer that finds the ring full links a new ring
+ * (under a mutex, the only lock, taken once per growth) and then SEALS the
+ * old one by setting the top bit of its tail, which makes every later CAS
+ * on it fail. So a producer never goes back to an older ring and each
+ * producer's messages stay in order. The consumer moves to the next ring
+ * when the old one is sealed and drained to its final tail. Retired rings
+ * are freed with the queue, since a slow producer may still be reading
+ * one; with doubling they add up to less than the newest ring.
+ */
+#ifndef EVPROXY_QUEUE_H
+#define EVPROXY_QUEUE_H
+
+#include <pthread.h>
+#include <stdalign.h>
+#include <stdatomic.h>
+#include <stdbool.h>
+#include <stdint.h>
+
+struct evq_slot {
+	atomic_uint_fast64_t seq;	/* see the top of the file */
+	void *msg;
+	void *fn;
+	void *private_data;
+};
+
+struct evq_ring {
+	/* set (release) before the ring is sealed; read (acquire) after */
+	_Atomic(struct evq_ring *) next;
+	struct evq_ring *retired_next;	/* consumer only */
+	uint64_t size;
+	uint64_t mask;			/* size - 1 when size is a power of 2 */
+	/* producers: next position to claim, top bit = sealed */
+	alignas(64) atomic_uint_fast64_t tail;
+	/* consumer only */
+	alignas(64) uint64_t head;
+	alignas(64) struct evq_slot slots[];
+};
+
+struct evq {
+	/*
+	 * The ring producers start from: stored (release) after a new ring
+	 * was linked, loaded (acquire) by producers. Only moves forward.
+	 */
+	alignas(64) _Atomic(struct evq_ring *) cur;
+	bool bounded;
+	pthread_mutex_t grow_lock;
+	struct evq_ring *first;		/* consumer: the ring it reads */
+	struct evq_ring *retired;	/* consumer: drained rings */
+};
+
+struct evq_item {
+	void *msg;
+	void *fn;
+	void *private_data;
+};
+
+/* capacity 0: unbounded. Returns 0 or ENOMEM. */
+int evq_init(struct evq *q, uint64_t capacity);
+/* Frees the rings; items still queued are the caller's to drain first. */
+void evq_destroy(struct evq *q);
+/* Any thread. 0, EAGAIN (bounded and full) or ENOMEM (cannot grow). */
+int evq_push(struct evq *q, const struct evq_item *item);
+/* Consumer only. True if an item was taken. */
+bool evq_pop(struct evq *q, struct evq_item *item);
+/* Consumer only. True if the next item is published. */
+bool evq_ready(struct evq *q);
+
+#endif

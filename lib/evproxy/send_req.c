@@ -1,0 +1,244 @@
+/*
+ * evproxy_send_send/recv: sending with backpressure.
+ *
+ * While the queue is full the request registers a waiter: a ringer of a
+ * doorbell on the sender's own loop. The destination, after freeing slots,
+ * rings every registered waiter ("queue has space"); each retries. See
+ * 'nwaiters' in proxy_internal.h for why no wake-up is lost.
+ */
+#include <errno.h>
+#include <stdlib.h>
+#include <tevent.h>
+
+#include "proxy_internal.h"
+
+struct send_state {
+	struct tevent_context *ev;
+	struct evproxy_sender *s;	/* a reference of our own */
+	evproxy_msg_handler_t handler;
+	void *private_data;
+	void **pmsg;
+	struct evproxy_doorbell *db;	/* rung when space appears */
+	struct evproxy_waiter *w;	/* registered waiter, or NULL */
+};
+
+/* Caller holds wait_lock. */
+static void waiter_unlink(struct evproxy_sender *s, struct evproxy_waiter *w)
+{
+	if (w->prev != NULL) {
+		w->prev->next = w->next;
+	} else {
+		s->waiters = w->next;
+	}
+	if (w->next != NULL) {
+		w->next->prev = w->prev;
+	}
+	w->prev = w->next = NULL;
+	w->listed = false;
+	atomic_fetch_sub_explicit(&s->nwaiters, 1, memory_order_relaxed);
+}
+
+static void waiter_free(struct evproxy_waiter *w)
+{
+	evproxy_ringer_unref(w->ringer);
+	free(w);
+}
+
+void evproxy_wake_waiters(struct evproxy_sender *s)
+{
+	struct evproxy_waiter *list, *w, *next;
+
+	/* slots freed (release) -> fence -> load nwaiters: see nwaiters */
+	atomic_thread_fence(memory_order_seq_cst);
+	if (atomic_load_explicit(&s->nwaiters, memory_order_relaxed) == 0) {
+		return;
+	}
+	pthread_mutex_lock(&s->wait_lock);
+	list = s->waiters;
+	s->waiters = NULL;
+	for (w = list; w != NULL; w = w->next) {
+		w->listed = false;
+	}
+	atomic_store_explicit(&s->nwaiters, 0, memory_order_relaxed);
+	pthread_mutex_unlock(&s->wait_lock);
+	/* now ours alone: the requests no longer point at them */
+	for (w = list; w != NULL; w = next) {
+		next = w->next;
+		evproxy_ringer_ring(w->ringer);
+		waiter_free(w);
+	}
+}
+
+/* Drop our waiter if the destination has not taken it yet. */
+static void state_unwait(struct send_state *st)
+{
+	struct evproxy_waiter *w = st->w;
+
+	if (w == NULL) {
+		return;
+	}
+	st->w = NULL;
+	pthread_mutex_lock(&st->s->wait_lock);
+	if (w->listed) {
+		waiter_unlink(st->s, w);
+		pthread_mutex_unlock(&st->s->wait_lock);
+		waiter_free(w);
+		return;
+	}
+	/* the destination took it off the list and will free it */
+	pthread_mutex_unlock(&st->s->wait_lock);
+}
+
+static int state_destructor(struct send_state *st)
+{
+	state_unwait(st);
+	evproxy_sender_unref(st->s);
+	return 0;
+}
+
+/* Register for "space appeared"; 0 or ENOMEM. */
+static int state_wait(struct send_state *st)
+{
+	struct evproxy_waiter *w = calloc(1, sizeof(*w));
+
+	if (w == NULL) {
+		return ENOMEM;
+	}
+	w->ringer = evproxy_doorbell_ringer(st->db);
+	pthread_mutex_lock(&st->s->wait_lock);
+	w->next = st->s->waiters;
+	if (w->next != NULL) {
+		w->next->prev = w;
+	}
+	st->s->waiters = w;
+	w->listed = true;
+	/* seq_cst: pairs with the fence in evproxy_wake_waiters */
+	atomic_fetch_add_explicit(&st->s->nwaiters, 1, memory_order_seq_cst);
+	pthread_mutex_unlock(&st->s->wait_lock);
+	st->w = w;
+	return 0;
+}
+
+/* Try to send; completes the request unless the queue is full. */
+static void try_send(struct tevent_req *req)
+{
+	struct send_state *st = tevent_req_data(req, struct send_state);
+	int ret;
+
+	for (;;) {
+		ret = evproxy_send(st->s, st->handler, st->private_data,
+				   st->pmsg);
+		if (ret != EAGAIN) {
+			break;
+		}
+		if (st->w != NULL) {
+			/* registered before this retry: wait for the ring */
+			return;
+		}
+		ret = state_wait(st);
+		if (ret != 0) {
+			break;
+		}
+		/* retry once more now that we are registered */
+	}
+	state_unwait(st);
+	if (ret == 0) {
+		tevent_req_done(req);
+	} else {
+		tevent_req_error(req, ret);
+	}
+}
+
+static void space_handler(struct tevent_context *ev,
+			  struct evproxy_doorbell *db, uint64_t rings,
+			  void *private_data)
+{
+	struct tevent_req *req = private_data;
+	struct send_state *st = tevent_req_data(req, struct send_state);
+
+	/* the destination took our waiter off its list and frees it */
+	st->w = NULL;
+	try_send(req);
+}
+
+_PUBLIC_ struct tevent_req *evproxy_send_send(TALLOC_CTX *mem_ctx,
+					      struct tevent_context *ev,
+					      struct evproxy_sender *s,
+					      evproxy_msg_handler_t handler,
+					      void *private_data, void *pmsg)
+{
+	struct tevent_req *req;
+	struct send_state *st;
+	void **pp = pmsg;
+	int ret;
+
+	req = tevent_req_create(mem_ctx, &st, struct send_state);
+	if (req == NULL) {
+		return NULL;
+	}
+	if (ev == NULL || s == NULL || handler == NULL || pp == NULL ||
+	    *pp == NULL) {
+		if (ev == NULL) {
+			/* nothing to post on: fail at once */
+			talloc_free(req);
+			errno = EINVAL;
+			return NULL;
+		}
+		tevent_req_error(req, EINVAL);
+		return tevent_req_post(req, ev);
+	}
+	st->ev = ev;
+	st->s = evproxy_sender_ref(s);
+	st->handler = handler;
+	st->private_data = private_data;
+	st->pmsg = pp;
+	talloc_set_destructor(st, state_destructor);
+
+	ret = evproxy_send(s, handler, private_data, pp);
+	if (ret != EAGAIN) {
+		if (ret == 0) {
+			tevent_req_done(req);
+		} else {
+			tevent_req_error(req, ret);
+		}
+		return tevent_req_post(req, ev);
+	}
+	st->db = evproxy_add_doorbell(ev, st, space_handler, req);
+	if (tevent_req_nomem(st->db, req)) {
+		return tevent_req_post(req, ev);
+	}
+	try_send(req);
+	if (tevent_req_is_in_progress(req)) {
+		return req;
+	}
+	return tevent_req_post(req, ev);
+}
+
+_PUBLIC_ int evproxy_send_recv(struct tevent_req *req)
+{
+	enum tevent_req_state state;
+	uint64_t err;
+	int ret = 0;
+
+	if (req == NULL) {
+		return EINVAL;
+	}
+	if (tevent_req_is_error(req, &state, &err)) {
+		switch (state) {
+		case TEVENT_REQ_USER_ERROR:
+			ret = (int)err;
+			break;
+		case TEVENT_REQ_TIMED_OUT:
+			ret = ETIMEDOUT;
+			break;
+		case TEVENT_REQ_NO_MEMORY:
+			ret = ENOMEM;
+			break;
+		default:
+			ret = EINVAL;
+			break;
+		}
+	}
+	tevent_req_received(req);
+	return ret;
+}

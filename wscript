@@ -130,6 +130,8 @@ def build(bld):
             LIBDIR=bld.env.LIBDIR,
             INCLUDEDIR=os.path.join(bld.env.PREFIX, 'include'))
     bld.install_files('${PREFIX}/include', PUBLIC_HEADERS)
+    bld.install_files('${PREFIX}/share/man/man3',
+                      bld.path.ant_glob('man/man3/*.3'))
 
     helper = bld.path.ant_glob('tests/helpers/*.c')
     if helper:

@@ -43,6 +43,10 @@ struct tput {
 
 uint64_t tput_count(void);
 double tput_median(const struct tput_mech *m, unsigned producers);
+/* the same, with t->mech set to 'mech' in every run */
+double tput_median_with(const struct tput_mech *m, unsigned producers,
+			void *mech);
+void bench_tput_evproxy(void);
 void tput_report(const char *name, double value, const char *baseline,
 		 const char *goal);
 

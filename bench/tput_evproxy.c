@@ -1,0 +1,227 @@
+/*
+ * evproxy-bench: evproxy throughput rows, on the tput.c harness.
+ */
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "bench.h"
+#include "bench_tput.h"
+#include "evpoll.h"
+#include "evproxy.h"
+
+#define MSG_SIZE 64
+
+struct evx {
+	bool evpoll;
+	struct evproxy *p;
+	struct evproxy_sender *s;
+	void *keep;		/* prealloc: where the handler keeps messages */
+	struct evproxy_stats stats;
+};
+
+static struct evx evx_state;
+
+static void evx_setup(struct tput *t)
+{
+	struct evx *x = t->mech;
+
+	t->ev = x->evpoll ? evpoll_context_init(NULL, NULL) :
+		tevent_context_init_byname(NULL, "epoll");
+	if (t->ev == NULL) {
+		abort();
+	}
+	x->p = evproxy_create(t->ev, t->ev, NULL);
+	x->s = evproxy_sender(x->p);
+	x->keep = talloc_new(t->ev);
+	if (x->p == NULL || x->s == NULL || x->keep == NULL) {
+		abort();
+	}
+}
+
+static void evx_consume(struct tput *t)
+{
+	while (t->received < t->n) {
+		tevent_loop_once(t->ev);
+	}
+}
+
+static void evx_teardown(struct tput *t)
+{
+	struct evx *x = t->mech;
+
+	evproxy_get_stats(x->p, &x->stats);
+	evproxy_sender_unref(x->s);
+	TALLOC_FREE(t->ev);
+}
+
+static void count_handler(struct tevent_context *ev, void *msg,
+			  void *private_data)
+{
+	struct tput *t = private_data;
+
+	t->received++;	/* the message is freed when we return */
+}
+
+static void send_or_die(struct evproxy_sender *s, evproxy_msg_handler_t fn,
+			void *private_data, void *pmsg)
+{
+	int ret = evproxy_send(s, fn, private_data, pmsg);
+
+	if (ret != 0) {
+		fprintf(stderr, "evproxy_send: %s\n", strerror(ret));
+		abort();
+	}
+}
+
+static void evx_produce(struct tput *t, unsigned idx)
+{
+	struct evx *x = t->mech;
+	uint64_t i;
+
+	for (i = 0; i < t->per_producer; i++) {
+		void *msg = talloc_size(NULL, MSG_SIZE);
+
+		send_or_die(x->s, count_handler, t, &msg);
+	}
+}
+
+static const struct tput_mech evx_mech = {
+	.consumer_setup = evx_setup,
+	.produce = evx_produce,
+	.consume = evx_consume,
+	.consumer_teardown = evx_teardown,
+};
+
+/* transport only: messages allocated before timing, kept by the handler */
+
+static void keep_handler(struct tevent_context *ev, void *msg,
+			 void *private_data)
+{
+	struct tput *t = private_data;
+	struct evx *x = t->mech;
+
+	talloc_steal(x->keep, msg);
+	t->received++;
+}
+
+static void evx_pre_prepare(struct tput *t)
+{
+	uint64_t i;
+
+	t->pre = malloc(t->n * sizeof(void *));
+	if (t->pre == NULL) {
+		abort();
+	}
+	for (i = 0; i < t->n; i++) {
+		t->pre[i] = talloc_size(NULL, MSG_SIZE);
+	}
+}
+
+static void evx_pre_produce(struct tput *t, unsigned idx)
+{
+	struct evx *x = t->mech;
+	uint64_t i;
+
+	for (i = 0; i < t->per_producer; i++) {
+		send_or_die(x->s, keep_handler, t, &t->pre[i]);
+	}
+}
+
+static void evx_pre_cleanup(struct tput *t)
+{
+	free(t->pre);
+	t->pre = NULL;
+}
+
+static const struct tput_mech evx_pre_mech = {
+	.prepare = evx_pre_prepare,
+	.consumer_setup = evx_setup,
+	.produce = evx_pre_produce,
+	.consume = evx_consume,
+	.consumer_teardown = evx_teardown,
+	.cleanup = evx_pre_cleanup,
+};
+
+/* the tevent_thread_proxy drop-in, allocations as tput_tevent_proxy */
+
+static void dropin_setup(struct tput *t)
+{
+	t->ev = tevent_context_init_byname(NULL, "epoll");
+	if (t->ev == NULL) {
+		abort();
+	}
+	t->mech = evproxy_thread_proxy_create(t->ev);
+	if (t->mech == NULL) {
+		abort();
+	}
+}
+
+static void dropin_handler(struct tevent_context *ev,
+			   struct tevent_immediate *im, void *msg)
+{
+	struct tput **pt = msg;
+
+	(*pt)->received++;
+}
+
+static void dropin_produce(struct tput *t, unsigned idx)
+{
+	uint64_t i;
+
+	for (i = 0; i < t->per_producer; i++) {
+		struct tevent_immediate *im = tevent_create_immediate(NULL);
+		struct tput **msg = talloc_size(NULL, MSG_SIZE);
+
+		*msg = t;
+		evproxy_thread_proxy_schedule(t->mech, &im, dropin_handler,
+					      &msg);
+	}
+}
+
+static void dropin_teardown(struct tput *t)
+{
+	TALLOC_FREE(t->ev);
+}
+
+static const struct tput_mech dropin_mech = {
+	.consumer_setup = dropin_setup,
+	.produce = dropin_produce,
+	.consume = evx_consume,
+	.consumer_teardown = dropin_teardown,
+};
+
+/* one run with 'mech' on an evx, median over repeats */
+static double evx_run(const struct tput_mech *m, bool use_evpoll,
+		      unsigned producers)
+{
+	memset(&evx_state, 0, sizeof(evx_state));
+	evx_state.evpoll = use_evpoll;
+	return tput_median_with(m, producers, &evx_state);
+}
+
+void bench_tput_evproxy(void)
+{
+	double v;
+	struct bench_result r = {
+		.name = "kernel_wakeups_per_msg", .unit = "per msg",
+		.goal = "no syscall per message while awake",
+	};
+
+	tput_report("tput_evproxy_epoll", evx_run(&evx_mech, false, 1),
+		    "tput_tevent_threaded", ">= 4x");
+	v = evx_run(&evx_mech, true, 1);
+	r.value = (double)evx_state.stats.kernel_wakeups /
+		  (double)tput_count();
+	tput_report("tput_evproxy_evpoll", v, "floor_tput_talloc",
+		    ">= 0.8x (and >= 6x tput_tevent_threaded)");
+	tput_report("tput_evproxy_evpoll_prealloc",
+		    evx_run(&evx_pre_mech, true, 1),
+		    "tput_tevent_threaded_prealloc", ">= 30x");
+	tput_report("tput_evproxy_evpoll_4p", evx_run(&evx_mech, true, 4),
+		    "tput_evproxy_evpoll", ">= 0.7x");
+	tput_report("tput_dropin_proxy", tput_median_with(&dropin_mech, 1,
+							  NULL),
+		    "tput_tevent_proxy", ">= 4x");
+	bench_add(&r);
+}

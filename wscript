@@ -21,6 +21,26 @@ LIBRARIES = [
 
 PUBLIC_HEADERS = ['include/evpoll.h', 'include/evproxy.h']
 
+# Optional adapters: (env flag, file prefix in lib/evpoll and tests/,
+# public header, uselib, exported symbol prefix)
+ADAPTERS = [
+    ('HAVE_URING', 'uring', 'include/evpoll_uring.h', 'URING',
+     'evpoll_uring_'),
+    ('HAVE_RDMA', 'rdma', 'include/evpoll_rdma.h', 'IBVERBS',
+     'evpoll_rdma_'),
+]
+
+
+def _wanted(env, node):
+    """False for sources and tests of an adapter that is left out."""
+    name = node.name
+    if name.startswith('test_'):
+        name = name[len('test_'):]
+    for flag, pfx, _, _, _ in ADAPTERS:
+        if name.startswith(pfx) and not env[flag]:
+            return False
+    return True
+
 DEVELOPER_CFLAGS = [
     '-g', '-Werror', '-Wall', '-Wextra', '-Wshadow', '-Wpointer-arith',
     '-Wcast-align', '-Wwrite-strings', '-Wmissing-prototypes',
@@ -35,6 +55,12 @@ def options(opt):
     grp.add_option('--enable-developer', action='store_true',
                    default=False, dest='developer',
                    help='-Werror, -g and extra warnings')
+    grp.add_option('--without-liburing', action='store_true', default=False,
+                   dest='without_liburing',
+                   help='leave out the io_uring adapter (evpoll_uring.h)')
+    grp.add_option('--without-rdma', action='store_true', default=False,
+                   dest='without_rdma',
+                   help='leave out the RDMA adapter (evpoll_rdma.h)')
     grp.add_option('--with-sanitizer', action='store', default='',
                    dest='sanitizer',
                    help='build with sanitizers: "address,undefined" or '
@@ -55,6 +81,28 @@ def configure(conf):
     conf.check_cfg(package='cmocka', atleast_version='1.1',
                    args=['--cflags', '--libs'], uselib_store='CMOCKA',
                    msg='Checking for cmocka >= 1.1')
+    # optional completion-source adapters
+    conf.env.HAVE_URING = False
+    if Options.options.without_liburing:
+        Logs.pprint('YELLOW', 'io_uring adapter: left out (--without-liburing)')
+    elif conf.check_cfg(package='liburing', atleast_version='2.3',
+                        args=['--cflags', '--libs'], uselib_store='URING',
+                        msg='Checking for liburing >= 2.3', mandatory=False):
+        conf.env.HAVE_URING = True
+    else:
+        Logs.pprint('YELLOW', 'io_uring adapter: left out (liburing >= 2.3 '
+                    'not found; install liburing-dev)')
+    conf.env.HAVE_RDMA = False
+    if Options.options.without_rdma:
+        Logs.pprint('YELLOW', 'RDMA adapter: left out (--without-rdma)')
+    elif conf.check_cfg(package='libibverbs', args=['--cflags', '--libs'],
+                        uselib_store='IBVERBS', msg='Checking for libibverbs',
+                        mandatory=False):
+        conf.env.HAVE_RDMA = True
+    else:
+        Logs.pprint('YELLOW', 'RDMA adapter: left out (libibverbs not '
+                    'found; install libibverbs-dev)')
+
     conf.check_cc(lib='pthread', uselib_store='PTHREAD',
                   msg='Checking for pthread')
     conf.env.append_value('LINKFLAGS_PTHREAD', ['-pthread'])
@@ -110,7 +158,11 @@ def build(bld):
     bld.env.TESTS = []
     for name, folder, uses in LIBRARIES:
         vscript = _version_script(bld, name)
-        bld.objects(source=bld.path.ant_glob(folder + '/*.c'),
+        extra = [u for flag, _, _, u, _ in ADAPTERS
+                 if name == 'evpoll' and bld.env[flag]]
+        uses = uses + extra
+        bld.objects(source=[n for n in bld.path.ant_glob(folder + '/*.c')
+                            if _wanted(bld.env, n)],
                     target=name + '_objs',
                     includes=['include', 'lib'], export_includes=['include'],
                     cflags=['-fPIC'], use=uses)
@@ -129,7 +181,8 @@ def build(bld):
             VERSION=VERSION, PREFIX=bld.env.PREFIX,
             LIBDIR=bld.env.LIBDIR,
             INCLUDEDIR=os.path.join(bld.env.PREFIX, 'include'))
-    bld.install_files('${PREFIX}/include', PUBLIC_HEADERS)
+    bld.install_files('${PREFIX}/include', PUBLIC_HEADERS +
+                      [h for flag, _, h, _, _ in ADAPTERS if bld.env[flag]])
     bld.install_files('${PREFIX}/share/man/man3',
                       bld.path.ant_glob('man/man3/*.3'))
 
@@ -138,13 +191,16 @@ def build(bld):
         bld.objects(source=helper, target='test_helpers',
                     includes=['include', 'lib', 'tests'],
                     use='TEVENT TALLOC CMOCKA PTHREAD')
+    adapter_uses = [u for flag, _, _, u, _ in ADAPTERS if bld.env[flag]]
     for src in bld.path.ant_glob('tests/test_*.c'):
+        if not _wanted(bld.env, src):
+            continue
         prog = os.path.splitext(src.name)[0]
         bld.program(source=[src], target='tests/' + prog,
                     includes=['include', 'lib', 'tests'],
                     use=(['test_helpers'] if helper else []) +
                     ['evproxy_static', 'evpoll_static', 'CMOCKA',
-                     'TEVENT', 'TALLOC', 'PTHREAD'],
+                     'TEVENT', 'TALLOC', 'PTHREAD'] + adapter_uses,
                     install_path=None)
         bld.env.append_value('TESTS', ['tests/' + prog])
 
@@ -155,11 +211,13 @@ def build(bld):
                     defines=['TEVENT_VERSION="%s"' % bld.env.TEVENT_VERSION],
                     lib=['m'],
                     # static: the installed program needs no rpath
-                    use='evproxy_static evpoll_static TEVENT TALLOC '
-                        'PTHREAD',
+                    use=['evproxy_static', 'evpoll_static', 'TEVENT',
+                         'TALLOC', 'PTHREAD'] + adapter_uses,
                     install_path='${BINDIR}')
 
     for src in bld.path.ant_glob('examples/*.c'):
+        if not _wanted(bld.env, src):
+            continue
         prog = os.path.splitext(src.name)[0]
         bld.program(source=[src], target='examples/' + prog,
                     includes=['include'],
@@ -207,6 +265,11 @@ def abi_check(bld):
                 want = sorted(l.strip() for l in f if l.strip())
         except IOError:
             want = None
+        if want is not None:
+            # symbols of adapters this configuration leaves out
+            off = [p for flag, _, _, _, p in ADAPTERS if not bld.env[flag]]
+            want = [w for w in want
+                    if not any(w.startswith(p) for p in off)]
         if want == have:
             continue
         ok = False
@@ -226,6 +289,10 @@ def abi_check(bld):
 
 
 def abi_update(bld):
+    off = [pfx for flag, pfx, _, _, _ in ADAPTERS if not bld.env[flag]]
+    if off:
+        raise Errors.WafError('abi-update needs every adapter configured '
+                              '(left out: %s)' % ', '.join(off))
     for name, _, _ in LIBRARIES:
         path = _sigs_path(bld, name)
         with open(path, 'w') as f:

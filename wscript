@@ -156,6 +156,7 @@ def _version_script(bld, name):
 
 def build(bld):
     bld.env.TESTS = []
+    bld.env.EXAMPLES = []
     for name, folder, uses in LIBRARIES:
         vscript = _version_script(bld, name)
         extra = [u for flag, _, _, u, _ in ADAPTERS
@@ -219,6 +220,7 @@ def build(bld):
         if not _wanted(bld.env, src):
             continue
         prog = os.path.splitext(src.name)[0]
+        bld.env.append_value('EXAMPLES', ['examples/' + prog])
         bld.program(source=[src], target='examples/' + prog,
                     includes=['include'],
                     use='evproxy evpoll TEVENT TALLOC PTHREAD',
@@ -354,6 +356,11 @@ def run_tests(bld):
             continue
         path = bld_dir.find_node(prog).abspath()
         results.append((prog, _run(bld, prog, wrapper + [path], env)))
+    for prog in bld.env.EXAMPLES:
+        if only:
+            break
+        results.append(('example ' + prog,
+                        _run_example(bld, prog, wrapper, env)))
     bench = bld_dir.find_node('evproxy-bench')
     if bench is not None and not only:
         results.append(('bench --tiny --json',
@@ -369,6 +376,28 @@ def run_tests(bld):
     sys.stdout.flush()
     if failed:
         raise Errors.WafError('%d test(s) failed' % failed)
+
+
+def _run_example(bld, prog, wrapper, env):
+    """Smoke-run an example with the arguments its source names in a
+    'smoke-args:' line, from the top of the source tree."""
+    src = bld.path.find_node(prog + '.c')
+    args = []
+    for line in src.read().splitlines():
+        if 'smoke-args:' in line:
+            args = line.split('smoke-args:', 1)[1].split()
+            break
+    path = bld.path.get_bld().find_node(prog).abspath()
+    Logs.info('==== %s %s' % (prog, ' '.join(args)))
+    sys.stdout.flush()
+    try:
+        rc = subprocess.call(wrapper + [path] + args, env=env,
+                             cwd=bld.path.abspath(), timeout=600)
+    except subprocess.TimeoutExpired:
+        rc = -1
+    if rc != 0:
+        Logs.error('==== %s FAILED (exit %d)' % (prog, rc))
+    return rc == 0
 
 
 def _bench_selfcheck(bld, argv, env):

@@ -19,6 +19,8 @@ LIBRARIES = [
     ('evproxy', 'lib/evproxy', ['evpoll', 'TEVENT', 'TALLOC', 'PTHREAD']),
 ]
 
+LIBRARY_NAMES = [name for name, _, _ in LIBRARIES]
+
 PUBLIC_HEADERS = ['include/evpoll.h', 'include/evproxy.h']
 
 # Optional adapters: (env flag, file prefix in lib/evpoll and tests/,
@@ -111,7 +113,9 @@ def configure(conf):
     # libtevent exports these (versioned, ABI-tracked) without declaring
     # them in tevent.h; lib/evpoll declares them itself.
     for fn in ['tevent_common_loop_immediate', 'tevent_common_have_events',
-               'tevent_common_loop_timer_delay',
+               'tevent_common_loop_timer_delay', 'tevent_common_check_signal',
+               'tevent_common_threaded_activate_immediate',
+               'tevent_common_context_destructor',
                'tevent_debug']:
         conf.check_cc(fragment='''
             #include <stdbool.h>
@@ -161,22 +165,22 @@ def build(bld):
         vscript = _version_script(bld, name)
         extra = [u for flag, _, _, u, _ in ADAPTERS
                  if name == 'evpoll' and bld.env[flag]]
-        uses = uses + extra
+        ours = [u for u in uses if u in LIBRARY_NAMES]
+        external = [u for u in uses if u not in LIBRARY_NAMES] + extra
         bld.objects(source=[n for n in bld.path.ant_glob(folder + '/*.c')
                             if _wanted(bld.env, n)],
                     target=name + '_objs',
                     includes=['include', 'lib'], export_includes=['include'],
-                    cflags=['-fPIC'], use=uses)
+                    cflags=['-fPIC'], use=external)
         bld(features='c cshlib', target=name,
-            use=[name + '_objs'] + uses,
+            use=[name + '_objs'] + ours + external,
             vnum=VERSION, install_path='${LIBDIR}',
             ldflags=['-Wl,--version-script=' + vscript.abspath(),
                      '-Wl,--no-undefined'])
         # the same objects, for tests that reach internals
-        static_uses = [u + '_static' if u in dict(
-            (n, 1) for n, _, _ in LIBRARIES) else u for u in uses]
         bld(features='c cstlib', target=name + '_static',
-            use=[name + '_objs'] + static_uses, install_path=None)
+            use=[name + '_objs'] + [u + '_static' for u in ours] + external,
+            install_path=None)
         bld(features='subst', source='lib/%s/%s.pc.in' % (name, name),
             target='%s.pc' % name, install_path='${LIBDIR}/pkgconfig',
             VERSION=VERSION, PREFIX=bld.env.PREFIX,

@@ -88,14 +88,17 @@ struct evpoll_stats {
 	/** times the loop went to wait in epoll_wait() with a timeout */
 	uint64_t sleeps;
 	/**
-	 * handlers run by the epoll backend's fd wait: fd handlers, and the
-	 * signal handlers and cross-thread immediates it ran
+	 * fd handlers run by the epoll backend's wait (including tevent's
+	 * internal fds, such as the cross-thread wake-up and signal pipe),
+	 * and waits that ended without running a handler
 	 */
 	uint64_t fd_dispatches;
 	/** timer handlers run */
 	uint64_t timer_dispatches;
-	/** immediate handlers run */
+	/** immediate handlers run (cross-thread immediates included) */
 	uint64_t immediate_dispatches;
+	/** rounds of pending signal handlers run */
+	uint64_t signal_dispatches;
 	/** poll callback calls */
 	uint64_t poll_calls;
 	/** poll callback calls that reported work */

@@ -69,9 +69,18 @@ struct evproxy_doorbell_stats {
 	uint64_t rings;
 	/** handler calls */
 	uint64_t handler_calls;
-	/** eventfd writes: rings that had to wake the loop through the kernel */
+	/**
+	 * eventfd writes: by rings that had to wake the loop through the
+	 * kernel, and by the owner side (a loop about to sleep with a ring
+	 * pending, evproxy_doorbell_fd() with a ring pending)
+	 */
 	uint64_t kernel_wakeups;
-	/** rings that needed no syscall (coalesced, or the loop was spinning) */
+	/** the eventfd writes of kernel_wakeups that rings made */
+	uint64_t ring_wakeups;
+	/**
+	 * rings that needed no syscall (coalesced, or the loop was
+	 * spinning): rings == wakeups_avoided + ring_wakeups
+	 */
 	uint64_t wakeups_avoided;
 	/** rings not yet delivered */
 	uint64_t pending;
@@ -83,7 +92,9 @@ struct evproxy_doorbell_stats {
  * @param ev		the owner loop (any backend)
  * @param mem_ctx	talloc parent; talloc_free() of the doorbell removes
  *			it, also from inside its own handler. Pending rings
- *			are then discarded and ringers get ECANCELED.
+ *			are then discarded and ringers get ECANCELED. The
+ *			same happens when @p ev is freed first (the
+ *			doorbell then only waits for its own free).
  * @param handler	required
  * @return the doorbell, or NULL with errno EINVAL (NULL @p ev or
  *         @p handler), ENOMEM, or EMFILE/ENFILE (no fd for the eventfd);
@@ -98,8 +109,10 @@ struct evproxy_doorbell *evproxy_add_doorbell(struct tevent_context *ev,
  * Ring a doorbell. Any thread, and async-signal-safe, as long as the
  * doorbell is not freed meanwhile; a thread that cannot guarantee that
  * rings through an evproxy_ringer.
- * @return 0, EINVAL (NULL), ECANCELED (doorbell freed, or inherited
- *         across fork()), or the errno of the eventfd write.
+ * @return 0, EINVAL (NULL), ECANCELED (doorbell or its loop freed, or
+ *         the doorbell was inherited across fork(): in a child it is dead,
+ *         never delivers and never wakes the parent), or the errno of the
+ *         eventfd write.
  */
 int evproxy_ring_doorbell(struct evproxy_doorbell *db);
 

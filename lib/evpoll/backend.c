@@ -8,6 +8,7 @@
 #include <sys/eventfd.h>
 #include <unistd.h>
 
+#include "evlist.h"
 #include "evpoll_internal.h"
 
 const struct tevent_ops *evpoll_epoll_ops;
@@ -15,14 +16,172 @@ static struct tevent_ops evpoll_ops;
 static pthread_once_t evpoll_once = PTHREAD_ONCE_INIT;
 static bool evpoll_registered;
 
-static int state_destructor(struct evpoll_state *st)
+static int sigtrack_destructor(struct evpoll_sigtrack *t)
+{
+	if (t->st != NULL) {
+		EVLIST_REMOVE(t->st->sigtracks, t->st->sigtracks_tail, t);
+		t->st->nsignals--;
+	}
+	return 0;
+}
+
+void evpoll_sigtracks_detach(struct evpoll_state *st)
+{
+	struct evpoll_sigtrack *t;
+
+	while ((t = st->sigtracks) != NULL) {
+		EVLIST_REMOVE(st->sigtracks, st->sigtracks_tail, t);
+		t->st = NULL;
+	}
+	st->nsignals = 0;
+}
+
+/*
+ * Trampolines: a timer or signal handler of an evpoll context runs through
+ * these, which count it exactly wherever tevent ends up running it (also
+ * inside the epoll backend's wait). The small record is a talloc child of
+ * the event, so it goes with it.
+ */
+struct evpoll_tramp {
+	struct evpoll_state *st;
+	union {
+		tevent_timer_handler_t timer;
+		tevent_signal_handler_t signal;
+	} fn;
+	void *private_data;
+};
+
+static void timer_tramp(struct tevent_context *ev, struct tevent_timer *te,
+			struct timeval now, void *private_data)
+{
+	struct evpoll_tramp *t = private_data;
+	/* the handler may free te, and t with it */
+	tevent_timer_handler_t fn = t->fn.timer;
+	void *p = t->private_data;
+
+	t->st->stats.timer_dispatches++;
+	t->st->other_fired = true;
+	fn(ev, te, now, p);
+}
+
+static struct tevent_timer *evpoll_add_timer_op(
+	struct tevent_context *ev, TALLOC_CTX *mem_ctx,
+	struct timeval next_event, tevent_timer_handler_t handler,
+	void *private_data, const char *handler_name, const char *location)
+{
+	struct evpoll_state *st = evpoll_state_get(ev);
+	struct evpoll_tramp *t;
+	struct tevent_timer *te;
+
+	if (st == NULL) {
+		return evpoll_epoll_ops->add_timer(ev, mem_ctx, next_event,
+						   handler, private_data,
+						   handler_name, location);
+	}
+	t = talloc(NULL, struct evpoll_tramp);
+	if (t == NULL) {
+		return NULL;
+	}
+	t->st = st;
+	t->fn.timer = handler;
+	t->private_data = private_data;
+	te = evpoll_epoll_ops->add_timer(ev, mem_ctx, next_event, timer_tramp,
+					 t, handler_name, location);
+	if (te == NULL) {
+		talloc_free(t);
+		return NULL;
+	}
+	talloc_steal(te, t);
+	return te;
+}
+
+static void signal_tramp(struct tevent_context *ev, struct tevent_signal *se,
+			 int signum, int count, void *siginfo,
+			 void *private_data)
+{
+	struct evpoll_tramp *t = private_data;
+	tevent_signal_handler_t fn = t->fn.signal;
+	void *p = t->private_data;
+
+	t->st->stats.signal_dispatches++;
+	t->st->other_fired = true;
+	fn(ev, se, signum, count, siginfo, p);
+}
+
+static struct tevent_signal *evpoll_add_signal_op(
+	struct tevent_context *ev, TALLOC_CTX *mem_ctx, int signum,
+	int sa_flags, tevent_signal_handler_t handler, void *private_data,
+	const char *handler_name, const char *location)
+{
+	struct evpoll_state *st = evpoll_state_get(ev);
+	struct tevent_signal *se;
+	struct evpoll_sigtrack *track;
+	struct evpoll_tramp *t;
+
+	if (st == NULL) {
+		return evpoll_epoll_ops->add_signal(ev, mem_ctx, signum,
+						    sa_flags, handler,
+						    private_data, handler_name,
+						    location);
+	}
+	t = talloc(NULL, struct evpoll_tramp);
+	if (t == NULL) {
+		return NULL;
+	}
+	t->st = st;
+	t->fn.signal = handler;
+	t->private_data = private_data;
+	se = evpoll_epoll_ops->add_signal(ev, mem_ctx, signum, sa_flags,
+					  signal_tramp, t, handler_name,
+					  location);
+	if (se == NULL) {
+		talloc_free(t);
+		return NULL;
+	}
+	talloc_steal(se, t);
+	track = talloc_zero(se, struct evpoll_sigtrack);
+	if (track == NULL) {
+		talloc_free(se);
+		return NULL;
+	}
+	track->st = st;
+	EVLIST_APPEND(st->sigtracks, st->sigtracks_tail, track);
+	st->nsignals++;
+	talloc_set_destructor(track, sigtrack_destructor);
+	return se;
+}
+
+/*
+ * Runs instead of tevent's destructor of the context, then calls it: the
+ * state goes inert BEFORE any child of the context is freed, so every poll
+ * is treated alike (no exit callback) whatever its talloc parent.
+ */
+static int context_destructor(struct tevent_context *ev)
+{
+	struct evpoll_state *st = evpoll_state_get(ev);
+
+	if (st != NULL) {
+		evpoll_state_inert(st);
+	}
+	return tevent_common_context_destructor(ev);
+}
+
+/* The context is going away: nothing calls back into the user. */
+void evpoll_state_inert(struct evpoll_state *st)
 {
 	evpoll_registry_remove(st);
-	/* the context is being freed: polls become inert, no exit callbacks */
+	evpoll_sigtracks_detach(st);
+	/* polls become inert, no exit callbacks */
 	evpoll_polls_detach(st);
 	st->spinning = false;
+	/* seq_cst: as in evpoll_spin_exit; the flag stays true from now on */
 	atomic_store_explicit(&st->waker->may_sleep, true,
 			      memory_order_seq_cst);
+}
+
+static int state_destructor(struct evpoll_state *st)
+{
+	evpoll_state_inert(st);
 	evpoll_waker_unref(st->waker);
 	TALLOC_FREE(st->spin_fde);
 	if (st->spin_fd != -1) {
@@ -44,10 +203,13 @@ static int evpoll_context_init_op(struct tevent_context *ev)
 	st = evpoll_state_get(ev);
 	if (st != NULL) {
 		/*
-		 * tevent_re_initialise(): tevent detached every fd, including
-		 * our spin fd's; start again from "not spinning".
+		 * tevent_re_initialise(): tevent detached every fd (our spin
+		 * fd's too) and every signal event; start again from "not
+		 * spinning" and "no signal events".
 		 */
 		evpoll_spin_exit(st, evpoll_now_ns());
+		evpoll_sigtracks_detach(st);
+		talloc_set_destructor(ev, context_destructor);
 		return 0;
 	}
 
@@ -62,8 +224,7 @@ static int evpoll_context_init_op(struct tevent_context *ev)
 	 * created: bad environment values are reported at the first
 	 * iteration instead.
 	 */
-	evpoll_config_load(&st->cfg, NULL);
-	st->report_env = true;
+	evpoll_config_load(&st->cfg, st, &st->env_report);
 	st->waker = evpoll_waker_new();
 	if (st->waker == NULL) {
 		talloc_free(st);
@@ -78,7 +239,25 @@ static int evpoll_context_init_op(struct tevent_context *ev)
 	}
 	evpoll_registry_add(st);
 	talloc_set_destructor(st, state_destructor);
+	talloc_set_destructor(ev, context_destructor);
 	return 0;
+}
+
+/* One debug message per bad EVPOLL_* value seen at creation. */
+static void report_env(struct evpoll_state *st)
+{
+	char *line = st->env_report;
+
+	while (line != NULL && *line != '\0') {
+		char *end = strchr(line, '\n');
+
+		if (end != NULL) {
+			*end = '\0';
+		}
+		tevent_debug(st->ev, TEVENT_DEBUG_ERROR, "%s\n", line);
+		line = end != NULL ? end + 1 : NULL;
+	}
+	TALLOC_FREE(st->env_report);
 }
 
 static int evpoll_loop_once_op(struct tevent_context *ev, const char *location)
@@ -89,11 +268,8 @@ static int evpoll_loop_once_op(struct tevent_context *ev, const char *location)
 		return evpoll_epoll_ops->loop_once(ev, location);
 	}
 	st->stats.iterations++;
-	if (st->report_env) {
-		struct evpoll_config ignored;
-
-		st->report_env = false;
-		evpoll_config_load(&ignored, ev);
+	if (st->env_report != NULL) {
+		report_env(st);
 	}
 	if (!st->spinning && evpoll_wants_spin(st)) {
 		evpoll_spin_enter(st, evpoll_now_ns());
@@ -152,6 +328,8 @@ static void evpoll_do_init(void)
 	evpoll_ops.context_init = evpoll_context_init_op;
 	evpoll_ops.loop_once = evpoll_loop_once_op;
 	evpoll_ops.loop_wait = evpoll_loop_wait_op;
+	evpoll_ops.add_signal = evpoll_add_signal_op;
+	evpoll_ops.add_timer = evpoll_add_timer_op;
 	tevent_register_backend("evpoll", &evpoll_ops);
 	ops = tevent_find_ops_byname("evpoll");
 	evpoll_registered = (ops == &evpoll_ops);

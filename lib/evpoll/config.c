@@ -33,14 +33,25 @@ static bool parse_u64(const char *s, uint64_t max, uint64_t *out)
 	return true;
 }
 
-static void bad_env(struct tevent_context *ev, const char *name,
+/* Append a line about a bad value to *report, when asked to. */
+static void bad_env(TALLOC_CTX *mem_ctx, char **report, const char *name,
 		    const char *value)
 {
-	tevent_debug(ev, TEVENT_DEBUG_ERROR,
-		     "evpoll: ignoring invalid %s=\"%s\"\n", name, value);
+	if (report == NULL) {
+		return;
+	}
+	if (*report == NULL) {
+		*report = talloc_strdup(mem_ctx, "");
+	}
+	if (*report != NULL) {
+		*report = talloc_asprintf_append(
+			*report, "evpoll: ignoring invalid %s=\"%s\"\n", name,
+			value);
+	}
 }
 
-void evpoll_config_load(struct evpoll_config *cfg, struct tevent_context *ev)
+void evpoll_config_load(struct evpoll_config *cfg, TALLOC_CTX *mem_ctx,
+			char **report)
 {
 	const char *s;
 	uint64_t v;
@@ -58,7 +69,7 @@ void evpoll_config_load(struct evpoll_config *cfg, struct tevent_context *ev)
 		} else if (strcmp(s, "always") == 0) {
 			cfg->mode = EVPOLL_MODE_ALWAYS;
 		} else {
-			bad_env(ev, "EVPOLL_MODE", s);
+			bad_env(mem_ctx, report, "EVPOLL_MODE", s);
 		}
 	}
 	s = getenv("EVPOLL_SPIN_NS");
@@ -66,7 +77,7 @@ void evpoll_config_load(struct evpoll_config *cfg, struct tevent_context *ev)
 		if (parse_u64(s, UINT64_MAX, &v)) {
 			cfg->spin_ns = v;
 		} else {
-			bad_env(ev, "EVPOLL_SPIN_NS", s);
+			bad_env(mem_ctx, report, "EVPOLL_SPIN_NS", s);
 		}
 	}
 	s = getenv("EVPOLL_POLL_ITERATIONS");
@@ -74,7 +85,7 @@ void evpoll_config_load(struct evpoll_config *cfg, struct tevent_context *ev)
 		if (parse_u64(s, UINT32_MAX, &v) && v > 0) {
 			cfg->poll_iterations = (unsigned)v;
 		} else {
-			bad_env(ev, "EVPOLL_POLL_ITERATIONS", s);
+			bad_env(mem_ctx, report, "EVPOLL_POLL_ITERATIONS", s);
 		}
 	}
 }
@@ -96,7 +107,7 @@ _PUBLIC_ void evpoll_config_default(struct evpoll_config *cfg)
 	if (cfg == NULL) {
 		return;
 	}
-	evpoll_config_load(cfg, NULL);
+	evpoll_config_load(cfg, NULL, NULL);
 }
 
 _PUBLIC_ int evpoll_set_config(struct tevent_context *ev,

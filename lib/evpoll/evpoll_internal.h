@@ -17,8 +17,11 @@
  * configure) but does not declare them in tevent.h.
  */
 bool tevent_common_loop_immediate(struct tevent_context *ev);
+int tevent_common_check_signal(struct tevent_context *ev);
+void tevent_common_threaded_activate_immediate(struct tevent_context *ev);
 struct timeval tevent_common_loop_timer_delay(struct tevent_context *ev);
 bool tevent_common_have_events(struct tevent_context *ev);
+int tevent_common_context_destructor(struct tevent_context *ev);
 void tevent_debug(struct tevent_context *ev, enum tevent_debug_level level,
 		  const char *fmt, ...) __attribute__((format(printf, 3, 4)));
 
@@ -67,6 +70,16 @@ struct evpoll_cursor {
 	struct evpoll_poll *next;
 };
 
+/*
+ * Tracks one signal event of the context: tevent runs pending signal
+ * handlers only for a context that has signal events (the handler list is
+ * process-wide), and so must we.
+ */
+struct evpoll_sigtrack {
+	struct evpoll_sigtrack *prev, *next;
+	struct evpoll_state *st;	/* NULL once the context is gone */
+};
+
 struct evpoll_state {
 	struct evpoll_state *reg_next;	/* registry list */
 	struct tevent_context *ev;
@@ -80,15 +93,20 @@ struct evpoll_state {
 	int spin_fd;
 	struct tevent_fd *spin_fde;
 	bool spin_fde_fired;
+	/* set by the timer and signal trampolines during a dispatch */
+	bool other_fired;
 
 	bool spinning;
 	bool activity_pending;
-	bool report_env;	/* report bad EVPOLL_* values at first loop */
+	char *env_report;	/* bad EVPOLL_* values, reported at first loop */
 	unsigned pins;
 	uint64_t spin_start_ns;
 	uint64_t last_activity_ns;
 	uint64_t last_check_ns;
 	unsigned passes_since_check;
+
+	struct evpoll_sigtrack *sigtracks, *sigtracks_tail;
+	unsigned nsignals;
 
 	struct evpoll_stats stats;
 };
@@ -107,7 +125,8 @@ void evpoll_registry_remove(struct evpoll_state *st);
 struct evpoll_state *evpoll_state_get(struct tevent_context *ev);
 
 /* config.c */
-void evpoll_config_load(struct evpoll_config *cfg, struct tevent_context *ev);
+void evpoll_config_load(struct evpoll_config *cfg, TALLOC_CTX *mem_ctx,
+			char **report);
 bool evpoll_config_valid(const struct evpoll_config *cfg);
 
 /* poll.c */
@@ -128,5 +147,7 @@ bool evpoll_wants_spin(const struct evpoll_state *st);
 
 /* backend.c */
 extern const struct tevent_ops *evpoll_epoll_ops;
+void evpoll_sigtracks_detach(struct evpoll_state *st);
+void evpoll_state_inert(struct evpoll_state *st);
 
 #endif

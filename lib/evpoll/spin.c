@@ -12,12 +12,14 @@
  * user's ready fds take turns: polls never starve fds and fds never starve
  * polls.
  *
- * One spinning loop_once call: run an immediate if one is queued (cheap,
- * no syscall); else run poll passes until a pass reports work, the spin
- * times out, or a check of fds and timers is due (poll_iterations passes or
- * EVPOLL_CHECK_NS, whichever comes first); the check is the epoll
- * backend's loop_once described above (one epoll_wait syscall, plus a
- * gettimeofday when timers exist).
+ * One spinning loop_once call starts as the epoll backend's does: pending
+ * signal handlers (for a context with signal events), cross-thread
+ * immediates, one immediate (no syscall). If none ran, it runs poll passes
+ * until a pass reports work, the spin times out, or a check of timers and
+ * fds is due (poll_iterations passes or EVPOLL_CHECK_NS, whichever comes
+ * first); the check runs a due timer or calls the epoll backend's
+ * loop_once described above (one epoll_wait syscall, plus a gettimeofday
+ * when timers exist). So handlers run in tevent's order.
  */
 #include <errno.h>
 
@@ -98,39 +100,55 @@ static void note_activity(struct evpoll_state *st, uint64_t now)
 	st->last_activity_ns = now;
 }
 
-/* Run one immediate or one due timer; true if a handler ran. */
-static bool run_immediate_or_timer(struct evpoll_state *st)
+/*
+ * What the epoll backend's loop_once does before it waits, in the same
+ * order: pending signal handlers (only for a context with signal events,
+ * like tevent; the trampoline counts them), cross-thread immediates moved
+ * onto the queue, then one immediate. True if a handler ran.
+ */
+static bool run_pending(struct evpoll_state *st)
 {
-	struct timeval tv;
-
-	if (tevent_common_loop_immediate(st->ev)) {
-		st->stats.immediate_dispatches++;
+	if (st->nsignals > 0 && tevent_common_check_signal(st->ev) != 0) {
 		return true;
 	}
-	tv = tevent_common_loop_timer_delay(st->ev);
-	if (tv.tv_sec == 0 && tv.tv_usec == 0) {
-		st->stats.timer_dispatches++;
+	tevent_common_threaded_activate_immediate(st->ev);
+	if (tevent_common_loop_immediate(st->ev)) {
+		st->stats.immediate_dispatches++;
 		return true;
 	}
 	return false;
 }
 
-/* The check of fds, signals, cross-thread immediates and timers. */
+/* Then a due timer (the trampoline counts it); true if one ran. */
+static bool run_due_timer(struct evpoll_state *st)
+{
+	struct timeval tv = tevent_common_loop_timer_delay(st->ev);
+
+	return tv.tv_sec == 0 && tv.tv_usec == 0;
+}
+
+/*
+ * The check of everything, in the epoll backend's order; with the spin fd
+ * registered its wait returns at once.
+ */
 static int spin_check(struct evpoll_state *st, const char *location)
 {
-	int ret;
+	int ret = 0;
 
 	st->passes_since_check = 0;
-	if (run_immediate_or_timer(st)) {
+	if (run_pending(st) || run_due_timer(st)) {
 		st->last_check_ns = evpoll_now_ns();
 		note_activity(st, st->last_check_ns);
 		return 0;
 	}
 	st->spin_fde_fired = false;
+	st->other_fired = false;
 	ret = evpoll_epoll_ops->loop_once(st->ev, location);
 	st->last_check_ns = evpoll_now_ns();
 	if (!st->spin_fde_fired) {
-		st->stats.fd_dispatches++;
+		if (!st->other_fired) {
+			st->stats.fd_dispatches++;
+		}
 		note_activity(st, st->last_check_ns);
 	}
 	return ret;
@@ -140,8 +158,7 @@ int evpoll_spin_once(struct evpoll_state *st, const char *location)
 {
 	uint64_t now;
 
-	if (tevent_common_loop_immediate(st->ev)) {
-		st->stats.immediate_dispatches++;
+	if (run_pending(st)) {
 		note_activity(st, evpoll_now_ns());
 		return 0;
 	}
@@ -150,8 +167,13 @@ int evpoll_spin_once(struct evpoll_state *st, const char *location)
 		int work;
 
 		now = evpoll_now_ns();
+		/*
+		 * At least one pass between two checks, so that polls run
+		 * even when the caller is slow between iterations.
+		 */
 		if (st->passes_since_check >= st->cfg.poll_iterations ||
-		    now - st->last_check_ns >= EVPOLL_CHECK_NS) {
+		    (now - st->last_check_ns >= EVPOLL_CHECK_NS &&
+		     st->passes_since_check > 0)) {
 			return spin_check(st, location);
 		}
 		if (st->cfg.mode == EVPOLL_MODE_AUTO && st->pins == 0 &&
@@ -171,14 +193,15 @@ int evpoll_spin_once(struct evpoll_state *st, const char *location)
 
 int evpoll_sleep_once(struct evpoll_state *st, const char *location)
 {
-	int ret;
+	int ret = 0;
 
-	if (run_immediate_or_timer(st)) {
-		ret = 0;
-	} else {
+	if (!run_pending(st) && !run_due_timer(st)) {
 		st->stats.sleeps++;
+		st->other_fired = false;
 		ret = evpoll_epoll_ops->loop_once(st->ev, location);
-		st->stats.fd_dispatches++;
+		if (!st->other_fired) {
+			st->stats.fd_dispatches++;
+		}
 	}
 	if (st->cfg.mode != EVPOLL_MODE_NEVER) {
 		/* whatever woke the loop counts as activity */

@@ -37,6 +37,7 @@
 
 #include "evpoll.h"
 #include "evproxy.h"
+#include "evwatch.h"
 #include "frame.h"
 #include "visibility.h"
 
@@ -64,12 +65,15 @@ struct evproxy_ringer {
 	struct evpoll_waker *waker;
 	/* see the comment at the top of the file */
 	alignas(64) atomic_uint_fast64_t pending;
-	/* relaxed: statistics only */
-	alignas(64) atomic_uint_fast64_t kernel_wakeups;
+	/* relaxed: statistics only. Eventfd writes made by rings ... */
+	alignas(64) atomic_uint_fast64_t ring_wakeups;
+	/* ... and by the owner side (exit callback, exported fd) */
+	atomic_uint_fast64_t other_wakeups;
 };
 
 struct evproxy_doorbell {
 	struct tevent_context *ev;
+	struct evproxy_evwatch *watch;	/* marks the ringer dead with ev */
 	struct evproxy_ringer *r;
 	struct tevent_fd *fde;
 	struct evpoll_poll *poll;
@@ -117,11 +121,19 @@ static void ringer_release(struct evproxy_ringer *r)
 	free(r);
 }
 
-static int wake(struct evproxy_ringer *r)
+/*
+ * Write the eventfd. Never from a process that inherited the doorbell
+ * across fork(): the eventfd is shared with the parent, whose loop would
+ * wake (or, worse, a child draining it would steal the parent's wake-up).
+ */
+static int wake(struct evproxy_ringer *r, atomic_uint_fast64_t *counter)
 {
 	uint64_t one = 1;
 	ssize_t n;
 
+	if (r->pid != current_pid()) {
+		return ECANCELED;
+	}
 	do {
 		n = write(r->efd, &one, sizeof(one));
 	} while (n == -1 && errno == EINTR);
@@ -129,7 +141,7 @@ static int wake(struct evproxy_ringer *r)
 		/* EAGAIN: the counter is at its maximum, so already readable */
 		return errno;
 	}
-	atomic_fetch_add_explicit(&r->kernel_wakeups, 1, memory_order_relaxed);
+	atomic_fetch_add_explicit(counter, 1, memory_order_relaxed);
 	return 0;
 }
 
@@ -150,12 +162,19 @@ static int ring(struct evproxy_ringer *r)
 	if ((old & PENDING_COUNT) != 0) {
 		return 0;
 	}
-	if (atomic_load_explicit(&r->fd_exported, memory_order_relaxed) ||
+	/* seq_cst: pairs with the store and recheck in evproxy_doorbell_fd */
+	if (atomic_load_explicit(&r->fd_exported, memory_order_seq_cst) ||
 	    evpoll_waker_may_sleep(r->waker)) {
-		ret = wake(r);
+		ret = wake(r, &r->ring_wakeups);
 	}
 	errno = saved_errno;
 	return ret;
+}
+
+/* True in a process that inherited the doorbell: it is dead here. */
+static bool inherited(const struct evproxy_ringer *r)
+{
+	return r->pid != current_pid();
 }
 
 static void drain(struct evproxy_ringer *r)
@@ -199,6 +218,11 @@ static void doorbell_fd_handler(struct tevent_context *ev,
 {
 	struct evproxy_doorbell *db = private_data;
 
+	if (inherited(db->r)) {
+		/* leave the shared eventfd to the parent; stop watching it */
+		tevent_fd_set_flags(fde, 0);
+		return;
+	}
 	/* drain first, then take the count: see case 1 above */
 	drain(db->r);
 	deliver(db);
@@ -208,6 +232,9 @@ static int doorbell_poll(struct tevent_context *ev, void *private_data)
 {
 	struct evproxy_doorbell *db = private_data;
 
+	if (inherited(db->r)) {
+		return 0;
+	}
 	if (atomic_load_explicit(&db->r->fd_exported, memory_order_relaxed)) {
 		/* keep "readable while pending" true for the foreign loop */
 		if ((atomic_load_explicit(&db->r->pending,
@@ -231,16 +258,31 @@ static void doorbell_poll_exit(struct tevent_context *ev, void *private_data)
 	/* seq_cst: case 3 above */
 	if ((atomic_load_explicit(&db->r->pending, memory_order_seq_cst) &
 	     PENDING_COUNT) != 0) {
-		wake(db->r);
+		wake(db->r, &db->r->other_wakeups);
 	}
+}
+
+/* Rings from now on return ECANCELED; pending ones are discarded. */
+static void mark_dead(struct evproxy_ringer *r)
+{
+	atomic_fetch_or_explicit(&r->pending, PENDING_DEAD,
+				 memory_order_seq_cst);
+}
+
+/* The loop was freed before the doorbell: nothing can deliver any more. */
+static void loop_gone(void *private_data)
+{
+	struct evproxy_doorbell *db = private_data;
+
+	db->watch = NULL;
+	mark_dead(db->r);
 }
 
 static int doorbell_destructor(struct evproxy_doorbell *db)
 {
 	evproxy_frames_freed(db->frames);
-	/* rings from now on return ECANCELED; pending ones are discarded */
-	atomic_fetch_or_explicit(&db->r->pending, PENDING_DEAD,
-				 memory_order_seq_cst);
+	mark_dead(db->r);
+	evproxy_evwatch_cancel(db->watch);
 	TALLOC_FREE(db->poll);
 	TALLOC_FREE(db->fde);
 	ringer_release(db->r);
@@ -268,7 +310,8 @@ _PUBLIC_ struct evproxy_doorbell *evproxy_add_doorbell(
 	}
 	atomic_init(&r->refs, 1);
 	atomic_init(&r->pending, 0);
-	atomic_init(&r->kernel_wakeups, 0);
+	atomic_init(&r->ring_wakeups, 0);
+	atomic_init(&r->other_wakeups, 0);
 	atomic_init(&r->fd_exported, false);
 	r->pid = current_pid();
 	r->efd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
@@ -298,9 +341,10 @@ _PUBLIC_ struct evproxy_doorbell *evproxy_add_doorbell(
 	db->private_data = private_data;
 	talloc_set_destructor(db, doorbell_destructor);
 
+	db->watch = evproxy_evwatch_new(ev, loop_gone, db);
 	db->fde = tevent_add_fd(ev, db, r->efd, TEVENT_FD_READ,
 				doorbell_fd_handler, db);
-	if (db->fde == NULL) {
+	if (db->watch == NULL || db->fde == NULL) {
 		talloc_free(db);
 		errno = ENOMEM;
 		return NULL;
@@ -338,7 +382,7 @@ _PUBLIC_ int evproxy_doorbell_fd(struct evproxy_doorbell *db)
 		if ((atomic_load_explicit(&db->r->pending,
 					  memory_order_seq_cst) &
 		     PENDING_COUNT) != 0) {
-			wake(db->r);
+			wake(db->r, &db->r->other_wakeups);
 		}
 	}
 	return db->r->efd;
@@ -380,19 +424,26 @@ _PUBLIC_ void evproxy_ringer_unref(struct evproxy_ringer *r)
 _PUBLIC_ int evproxy_doorbell_get_stats(struct evproxy_doorbell *db,
 					struct evproxy_doorbell_stats *st)
 {
-	uint_fast64_t pending;
+	uint_fast64_t word, by_rings;
 
 	if (db == NULL || st == NULL) {
 		return EINVAL;
 	}
-	pending = atomic_load_explicit(&db->r->pending, memory_order_relaxed) &
-		  PENDING_COUNT;
-	st->pending = pending;
-	st->rings = db->delivered + pending;
+	word = atomic_load_explicit(&db->r->pending, memory_order_relaxed);
+	/* once dead, the count holds refused rings: report nothing pending */
+	st->pending = (word & PENDING_DEAD) ? 0 : (word & PENDING_COUNT);
+	st->rings = db->delivered + st->pending;
 	st->handler_calls = db->handler_calls;
-	st->kernel_wakeups = atomic_load_explicit(&db->r->kernel_wakeups,
+	by_rings = atomic_load_explicit(&db->r->ring_wakeups,
+					memory_order_relaxed);
+	st->ring_wakeups = by_rings;
+	st->kernel_wakeups = by_rings +
+			     atomic_load_explicit(&db->r->other_wakeups,
 						  memory_order_relaxed);
-	st->wakeups_avoided = st->rings > st->kernel_wakeups ?
-			      st->rings - st->kernel_wakeups : 0;
+	/*
+	 * Every successful ring either wrote the eventfd or avoided it
+	 * (rings discarded when the loop went away aside).
+	 */
+	st->wakeups_avoided = st->rings > by_rings ? st->rings - by_rings : 0;
 	return 0;
 }

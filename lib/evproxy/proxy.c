@@ -14,6 +14,7 @@
 #include <string.h>
 
 #include "evpoll.h"
+#include "evwatch.h"
 #include "frame.h"
 #include "proxy_internal.h"
 
@@ -59,10 +60,9 @@ int evproxy_push(struct evproxy_sender *s, const struct evq_item *item)
 	if (ret != 0) {
 		goto out;
 	}
-	/* publish (in evq_push) -> fence -> load idle: see 'idle' */
-	atomic_thread_fence(memory_order_seq_cst);
-	if (atomic_load_explicit(&s->idle, memory_order_relaxed) &&
-	    atomic_exchange_explicit(&s->idle, false, memory_order_relaxed)) {
+	/* seq_cst publish (in evq_push), then seq_cst load: see 'idle' */
+	if (atomic_load_explicit(&s->idle, memory_order_seq_cst) &&
+	    atomic_exchange_explicit(&s->idle, false, memory_order_seq_cst)) {
 		evproxy_ringer_ring(s->ringer);
 	}
 out:
@@ -77,9 +77,8 @@ out:
  */
 static bool go_idle(struct evproxy_sender *s)
 {
-	atomic_store_explicit(&s->idle, true, memory_order_relaxed);
-	/* store idle -> fence -> check queue: see 'idle' */
-	atomic_thread_fence(memory_order_seq_cst);
+	/* seq_cst store, then seq_cst loads in evq_ready: see 'idle' */
+	atomic_store_explicit(&s->idle, true, memory_order_seq_cst);
 	if (!evq_ready(&s->q)) {
 		return false;
 	}
@@ -213,12 +212,20 @@ static void poll_exit(struct tevent_context *ev, void *private_data)
 	}
 }
 
-static int evproxy_destructor(struct evproxy *p)
+/*
+ * No more deliveries: later sends get ECANCELED, queued items are freed,
+ * waiting senders are woken to see ECANCELED. Runs when the evproxy or its
+ * loop is freed, whichever comes first.
+ */
+static void evproxy_shutdown(struct evproxy *p)
 {
 	struct evproxy_sender *s = p->core;
 	struct evq_item item;
 
-	evproxy_frames_freed(p->frames);
+	if (p->shut) {
+		return;
+	}
+	p->shut = true;
 	/* see 'dead' in proxy_internal.h */
 	atomic_store_explicit(&s->dead, true, memory_order_seq_cst);
 	while (atomic_load_explicit(&s->inflight, memory_order_acquire) !=
@@ -232,10 +239,25 @@ static int evproxy_destructor(struct evproxy *p)
 	}
 	/* waiting senders retry and get ECANCELED */
 	evproxy_wake_waiters(s);
+}
+
+static void loop_gone(void *private_data)
+{
+	struct evproxy *p = private_data;
+
+	p->watch = NULL;
+	evproxy_shutdown(p);
+}
+
+static int evproxy_destructor(struct evproxy *p)
+{
+	evproxy_frames_freed(p->frames);
+	evproxy_evwatch_cancel(p->watch);
+	evproxy_shutdown(p);
 	TALLOC_FREE(p->poll);
 	TALLOC_FREE(p->db);
 	talloc_free(p->spare_holder);
-	core_release(s);
+	core_release(p->core);
 	return 0;
 }
 
@@ -307,6 +329,12 @@ struct evproxy *evproxy_create_kind(TALLOC_CTX *mem_ctx,
 	}
 	p->core->ringer = evproxy_doorbell_ringer(p->db);
 	talloc_set_destructor(p, evproxy_destructor);
+	p->watch = evproxy_evwatch_new(dest_ev, loop_gone, p);
+	if (p->watch == NULL) {
+		talloc_free(p);
+		errno = ENOMEM;
+		return NULL;
+	}
 	if (evpoll_is_evpoll(dest_ev)) {
 		p->poll = evpoll_add_poll(dest_ev, p, poll_enter, poll_exit,
 					  poll_queue, p);

@@ -51,19 +51,23 @@ struct evproxy_sender {
 
 	/*
 	 * True while the destination may not look at the queue without a
-	 * wake-up. The destination stores true, then a seq_cst fence, then
-	 * checks the queue; a sender publishes its message, then a seq_cst
-	 * fence, then loads 'idle'. One side sees the other; the sender that
-	 * exchanges 'idle' from true to false rings the doorbell.
+	 * wake-up. The destination stores true (seq_cst), then checks the
+	 * queue (seq_cst loads of the slot, evq_ready); a sender publishes
+	 * its message (seq_cst store of the slot, evq_push), then loads
+	 * 'idle' (seq_cst). In the single order of seq_cst operations one
+	 * side sees the other's store; the sender that exchanges 'idle' from
+	 * true to false rings the doorbell.
 	 */
 	alignas(64) atomic_bool idle;
 
 	/*
 	 * Senders waiting for space (bounded queues). A waiter registers
-	 * (nwaiters++ seq_cst, under the lock) and then retries; the
-	 * consumer frees slots (release stores), then a seq_cst fence, then
-	 * loads nwaiters. So either the retry sees the space or the consumer
-	 * sees the waiter and rings it.
+	 * (nwaiters++, a seq_cst RMW, under the lock) and then retries; the
+	 * consumer frees slots (release stores) and then reads nwaiters with
+	 * a seq_cst RMW (fetch_add 0). The two RMWs on nwaiters are ordered:
+	 * if the waiter's comes first the consumer reads it and rings; if
+	 * the consumer's comes first it synchronises with the waiter's, so
+	 * the retry sees the freed slots.
 	 */
 	alignas(64) atomic_uint nwaiters;
 	pthread_mutex_t wait_lock;
@@ -77,6 +81,8 @@ struct evproxy_sender {
 
 struct evproxy {
 	struct tevent_context *ev;
+	struct evproxy_evwatch *watch;	/* shuts down with the loop */
+	bool shut;			/* evproxy_shutdown() ran */
 	struct evproxy_sender *core;
 	struct evproxy_doorbell *db;
 	struct evpoll_poll *poll;

@@ -139,9 +139,14 @@ int evq_push(struct evq *q, const struct evq_item *item)
 				s->msg = item->msg;
 				s->fn = item->fn;
 				s->private_data = item->private_data;
-				/* release: publish the slot's contents */
+				/*
+				 * seq_cst (release is enough for the
+				 * contents): the publish is the producer's
+				 * half of the 'idle' handshake, see
+				 * proxy_internal.h
+				 */
 				atomic_store_explicit(&s->seq, pos + 1,
-						      memory_order_release);
+						      memory_order_seq_cst);
 				return 0;
 			}
 			/* pos now holds the current tail */
@@ -186,18 +191,22 @@ static struct evq_ring *consumer_ring(struct evq *q)
 	}
 }
 
+/*
+ * seq_cst loads: the consumer's half of the 'idle' handshake (see
+ * proxy_internal.h); on x86 they cost what acquire loads cost.
+ */
 bool evq_ready(struct evq *q)
 {
 	struct evq_ring *r = q->first;
 	struct evq_slot *s = slot_at(r, r->head);
 
-	if (atomic_load_explicit(&s->seq, memory_order_acquire) ==
+	if (atomic_load_explicit(&s->seq, memory_order_seq_cst) ==
 	    r->head + 1) {
 		return true;
 	}
 	r = consumer_ring(q);
 	s = slot_at(r, r->head);
-	return atomic_load_explicit(&s->seq, memory_order_acquire) ==
+	return atomic_load_explicit(&s->seq, memory_order_seq_cst) ==
 	       r->head + 1;
 }
 

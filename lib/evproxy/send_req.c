@@ -48,9 +48,9 @@ void evproxy_wake_waiters(struct evproxy_sender *s)
 {
 	struct evproxy_waiter *list, *w, *next;
 
-	/* slots freed (release) -> fence -> load nwaiters: see nwaiters */
-	atomic_thread_fence(memory_order_seq_cst);
-	if (atomic_load_explicit(&s->nwaiters, memory_order_relaxed) == 0) {
+	/* slots freed (release), then a seq_cst RMW: see nwaiters */
+	if (atomic_fetch_add_explicit(&s->nwaiters, 0, memory_order_seq_cst) ==
+	    0) {
 		return;
 	}
 	pthread_mutex_lock(&s->wait_lock);
@@ -112,7 +112,7 @@ static int state_wait(struct send_state *st)
 	}
 	st->s->waiters = w;
 	w->listed = true;
-	/* seq_cst: pairs with the fence in evproxy_wake_waiters */
+	/* seq_cst RMW: pairs with the one in evproxy_wake_waiters */
 	atomic_fetch_add_explicit(&st->s->nwaiters, 1, memory_order_seq_cst);
 	pthread_mutex_unlock(&st->s->wait_lock);
 	st->w = w;

@@ -187,7 +187,8 @@ def build(bld):
             LIBDIR=bld.env.LIBDIR,
             INCLUDEDIR=os.path.join(bld.env.PREFIX, 'include'))
     bld.install_files('${PREFIX}/include', PUBLIC_HEADERS +
-                      [h for flag, _, h, _, _ in ADAPTERS if bld.env[flag]])
+                      [h for flag, _, h, _, _ in ADAPTERS
+                       if bld.env[flag] and bld.path.find_node(h)])
     bld.install_files('${PREFIX}/share/man/man3',
                       bld.path.ant_glob('man/man3/*.3'))
 

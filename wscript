@@ -184,6 +184,10 @@ def build(bld):
         bld(features='subst', source='lib/%s/%s.pc.in' % (name, name),
             target='%s.pc' % name, install_path='${LIBDIR}/pkgconfig',
             VERSION=VERSION, PREFIX=bld.env.PREFIX,
+            REQUIRES_PRIVATE=' '.join(
+                pc for flag, pc in [('HAVE_URING', 'liburing'),
+                                    ('HAVE_RDMA', 'libibverbs')]
+                if name == 'evpoll' and bld.env[flag]),
             LIBDIR=bld.env.LIBDIR,
             INCLUDEDIR=os.path.join(bld.env.PREFIX, 'include'))
     bld.install_files('${PREFIX}/include', PUBLIC_HEADERS +

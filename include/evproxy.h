@@ -264,7 +264,9 @@ void evproxy_sender_unref(struct evproxy_sender *s);
  * @param pmsg		address of the caller's pointer to the message, as
  *			with talloc_move(); set to NULL on success
  * @return 0 (ownership moved), EAGAIN (bounded queue full), ECANCELED
- *         (destination gone), ENOMEM (an unbounded queue could not grow),
+ *         (destination gone, or the evproxy was inherited across fork():
+ *         it is dead in the child), ENOMEM (an unbounded queue could not
+ *         grow),
  *         or EINVAL (NULL argument, NULL message, or a message that
  *         breaks the ownership rules: it has a parent, null tracking is
  *         on, or it has talloc references). On every error the caller

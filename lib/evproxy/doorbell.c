@@ -39,6 +39,7 @@
 #include "evproxy.h"
 #include "evwatch.h"
 #include "frame.h"
+#include "pid.h"
 #include "visibility.h"
 
 #define PENDING_DEAD (1ULL << 63)
@@ -85,32 +86,6 @@ struct evproxy_doorbell {
 	struct evproxy_frame *frames;
 };
 
-/*
- * The pid of this process, reset in a fork child: a doorbell made by
- * another process (inherited across fork) is dead here. Written only by the
- * atfork child handler, which runs while the child is single-threaded;
- * relaxed loads are enough (async-signal-safe, no syscall per ring).
- */
-static atomic_int cached_pid;
-static pthread_once_t pid_once = PTHREAD_ONCE_INIT;
-
-static void pid_reset(void)
-{
-	atomic_store_explicit(&cached_pid, (int)getpid(),
-			      memory_order_relaxed);
-}
-
-static void pid_init(void)
-{
-	pid_reset();
-	pthread_atfork(NULL, NULL, pid_reset);
-}
-
-static pid_t current_pid(void)
-{
-	return (pid_t)atomic_load_explicit(&cached_pid, memory_order_relaxed);
-}
-
 static void ringer_release(struct evproxy_ringer *r)
 {
 	if (atomic_fetch_sub_explicit(&r->refs, 1, memory_order_acq_rel) != 1) {
@@ -131,7 +106,7 @@ static int wake(struct evproxy_ringer *r, atomic_uint_fast64_t *counter)
 	uint64_t one = 1;
 	ssize_t n;
 
-	if (r->pid != current_pid()) {
+	if (r->pid != evproxy_pid()) {
 		return ECANCELED;
 	}
 	do {
@@ -151,7 +126,7 @@ static int ring(struct evproxy_ringer *r)
 	int saved_errno = errno;	/* async-signal-safety */
 	int ret = 0;
 
-	if (r->pid != current_pid()) {
+	if (r->pid != evproxy_pid()) {
 		return ECANCELED;
 	}
 	/* seq_cst: pairs with the loop's seq_cst store of "may sleep" */
@@ -174,7 +149,7 @@ static int ring(struct evproxy_ringer *r)
 /* True in a process that inherited the doorbell: it is dead here. */
 static bool inherited(const struct evproxy_ringer *r)
 {
-	return r->pid != current_pid();
+	return r->pid != evproxy_pid();
 }
 
 static void drain(struct evproxy_ringer *r)
@@ -301,7 +276,7 @@ _PUBLIC_ struct evproxy_doorbell *evproxy_add_doorbell(
 		errno = EINVAL;
 		return NULL;
 	}
-	pthread_once(&pid_once, pid_init);
+	evproxy_pid_init();
 
 	r = aligned_alloc(64, sizeof(*r));
 	if (r == NULL) {
@@ -313,7 +288,7 @@ _PUBLIC_ struct evproxy_doorbell *evproxy_add_doorbell(
 	atomic_init(&r->ring_wakeups, 0);
 	atomic_init(&r->other_wakeups, 0);
 	atomic_init(&r->fd_exported, false);
-	r->pid = current_pid();
+	r->pid = evproxy_pid();
 	r->efd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
 	if (r->efd == -1) {
 		err = errno;

@@ -16,6 +16,7 @@
 #include "evpoll.h"
 #include "evwatch.h"
 #include "frame.h"
+#include "pid.h"
 #include "proxy_internal.h"
 
 #define EVPROXY_DEFAULT_BATCH 128
@@ -50,6 +51,10 @@ int evproxy_push(struct evproxy_sender *s, const struct evq_item *item)
 {
 	int ret;
 
+	if (s->pid != evproxy_pid()) {
+		/* inherited across fork(): the destination is not here */
+		return ECANCELED;
+	}
 	/* seq_cst RMW then seq_cst load: pairs with the destructor */
 	atomic_fetch_add_explicit(&s->inflight, 1, memory_order_seq_cst);
 	if (atomic_load_explicit(&s->dead, memory_order_seq_cst)) {
@@ -280,6 +285,8 @@ static struct evproxy_sender *core_new(const struct evproxy_config *cfg,
 		return NULL;
 	}
 	s->kind = kind;
+	evproxy_pid_init();
+	s->pid = evproxy_pid();
 	atomic_init(&s->refs, 1);
 	atomic_init(&s->dead, false);
 	atomic_init(&s->inflight, 0);

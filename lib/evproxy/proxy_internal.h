@@ -35,6 +35,7 @@ struct evproxy_sender {
 	 */
 	atomic_uint refs;
 	enum evproxy_kind kind;
+	pid_t pid;	/* an evproxy inherited across fork() is dead */
 	/* wakes the destination's loop; its doorbell lives there */
 	struct evproxy_ringer *ringer;
 

@@ -214,11 +214,12 @@ def build(bld):
                     install_path=None)
         bld.env.append_value('TESTS', ['tests/' + prog])
 
-    bench = bld.path.ant_glob('bench/*.c')
+    bench = [n for n in bld.path.ant_glob('bench/*.c') if _wanted(bld.env, n)]
     if bench:
         bld.program(source=bench, target='evproxy-bench',
                     includes=['include', 'lib', 'bench'],
-                    defines=['TEVENT_VERSION="%s"' % bld.env.TEVENT_VERSION],
+                    defines=['TEVENT_VERSION="%s"' % bld.env.TEVENT_VERSION] +
+                    ['HAVE_URING=1' for n in bench if n.name == 'uring.c'],
                     lib=['m'],
                     # static: the installed program needs no rpath
                     use=['evproxy_static', 'evpoll_static', 'TEVENT',

@@ -271,6 +271,9 @@ int main(int argc, char **argv)
 	bench_rtt();
 	bench_tput();
 	bench_misc();
+#ifdef HAVE_URING
+	bench_uring();
+#endif
 	compute_ratios();
 	if (bench_opt.json) {
 		print_json(&m);

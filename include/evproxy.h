@@ -266,11 +266,13 @@ void evproxy_sender_unref(struct evproxy_sender *s);
  * @return 0 (ownership moved), EAGAIN (bounded queue full), ECANCELED
  *         (destination gone, or the evproxy was inherited across fork():
  *         it is dead in the child), ENOMEM (an unbounded queue could not
- *         grow),
- *         or EINVAL (NULL argument, NULL message, or a message that
- *         breaks the ownership rules: it has a parent, null tracking is
- *         on, or it has talloc references). On every error the caller
- *         still owns the message, untouched.
+ *         grow), or EINVAL (NULL argument, NULL message, or a message
+ *         that breaks the ownership rules: it has a parent, such as the
+ *         null context that every chunk allocated while null tracking is
+ *         on has, or it has talloc references). A chunk allocated before
+ *         null tracking was turned on is not linked into the null context
+ *         and moves safely. On every error the caller still owns the
+ *         message, untouched.
  */
 int evproxy_send(struct evproxy_sender *s, evproxy_msg_handler_t handler,
 		 void *private_data, void *pmsg);

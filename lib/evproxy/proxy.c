@@ -114,6 +114,24 @@ static void deliver(struct evproxy *p, const struct evq_item *item,
 	}
 }
 
+static void consume(struct evproxy *p);
+
+/*
+ * The continuation: scheduled (an immediate, no syscall) while a drain
+ * runs handlers. If a handler runs a nested loop, the nested loop runs it
+ * and takes the draining over: the messages queued behind are delivered
+ * there, and, the queue drained, the destination goes idle so that new
+ * sends wake the nested loop. Otherwise it is cancelled when the drain ends.
+ */
+static void cont_handler(struct tevent_context *ev,
+			 struct tevent_immediate *im, void *private_data)
+{
+	struct evproxy *p = private_data;
+
+	p->cont_runs++;
+	consume(p);
+}
+
 /*
  * Deliver up to p->batch items. Returns the number delivered; *freed tells
  * whether a handler freed the evproxy (then p must not be touched).
@@ -124,6 +142,7 @@ static unsigned drain(struct evproxy *p, bool *freed)
 	struct evq_item item;
 	struct evproxy_frame frame;
 	void *holder = p->spare_holder;
+	uint64_t runs = p->cont_runs;
 	unsigned n = 0;
 
 	*freed = false;
@@ -135,12 +154,14 @@ static unsigned drain(struct evproxy *p, bool *freed)
 		}
 	}
 	evproxy_frame_push(&p->frames, &frame);
+	tevent_schedule_immediate(p->cont_im, p->ev, cont_handler, p);
 	while (n < p->batch && evq_pop(&s->q, &item)) {
 		n++;
 		deliver(p, &item, holder);
 		/* whatever the handler did not steal goes now */
 		talloc_free_children(holder);
-		if (frame.freed) {
+		if (frame.freed || p->cont_runs != runs) {
+			/* freed, or a nested loop took the draining over */
 			break;
 		}
 	}
@@ -148,6 +169,10 @@ static unsigned drain(struct evproxy *p, bool *freed)
 		*freed = true;
 		talloc_free(holder);
 		return n;
+	}
+	if (p->cont_runs == runs) {
+		/* cancel the continuation */
+		tevent_schedule_immediate(p->cont_im, p->ev, NULL, NULL);
 	}
 	evproxy_frame_pop(&p->frames, &frame);
 	if (p->spare_holder == NULL) {
@@ -162,30 +187,38 @@ static unsigned drain(struct evproxy *p, bool *freed)
 	return n;
 }
 
-/* The doorbell: rung by senders when the destination was idle. */
-static void doorbell_handler(struct tevent_context *ev,
-			     struct evproxy_doorbell *db, uint64_t rings,
-			     void *private_data)
+/*
+ * Drain a batch, then either come back later (more is queued: ring our
+ * own doorbell, so other events run first), rely on the spinning loop's
+ * poll, or go idle.
+ */
+static void consume(struct evproxy *p)
 {
-	struct evproxy *p = private_data;
 	bool freed;
 	unsigned n = drain(p, &freed);
 
 	if (freed) {
 		return;
 	}
-	if (n == p->batch) {
-		/* more may wait: let other events run, then come back */
+	if (n == p->batch && evq_ready(&p->core->q)) {
 		evproxy_ring_doorbell(p->db);
 		return;
 	}
-	if (p->poll != NULL && evpoll_is_spinning(ev)) {
+	if (p->poll != NULL && evpoll_is_spinning(p->ev)) {
 		/* the poll callback watches the queue while spinning */
 		return;
 	}
 	if (go_idle(p->core)) {
 		evproxy_ring_doorbell(p->db);
 	}
+}
+
+/* The doorbell: rung by senders when the destination was idle. */
+static void doorbell_handler(struct tevent_context *ev,
+			     struct evproxy_doorbell *db, uint64_t rings,
+			     void *private_data)
+{
+	consume(private_data);
 }
 
 /* evpoll: while the loop spins, read the queue directly. */
@@ -261,6 +294,7 @@ static int evproxy_destructor(struct evproxy *p)
 	evproxy_shutdown(p);
 	TALLOC_FREE(p->poll);
 	TALLOC_FREE(p->db);
+	TALLOC_FREE(p->cont_im);
 	talloc_free(p->spare_holder);
 	core_release(p->core);
 	return 0;
@@ -320,6 +354,12 @@ struct evproxy *evproxy_create_kind(TALLOC_CTX *mem_ctx,
 	}
 	p->ev = dest_ev;
 	p->batch = cfg->batch;
+	p->cont_im = tevent_create_immediate(p);
+	if (p->cont_im == NULL) {
+		talloc_free(p);
+		errno = ENOMEM;
+		return NULL;
+	}
 	p->core = core_new(cfg, kind);
 	if (p->core == NULL) {
 		talloc_free(p);

@@ -72,7 +72,7 @@ struct evproxy_sender {
 	 */
 	alignas(64) atomic_uint nwaiters;
 	pthread_mutex_t wait_lock;
-	struct evproxy_waiter *waiters;
+	struct evproxy_waiter *waiters, *waiters_tail;	/* FIFO */
 
 	/* relaxed counters: statistics only */
 	atomic_uint_fast64_t discarded;
@@ -89,6 +89,8 @@ struct evproxy {
 	struct evpoll_poll *poll;
 	unsigned batch;
 	void *spare_holder;	/* holds a message while its handler runs */
+	struct tevent_immediate *cont_im;	/* see cont_handler */
+	uint64_t cont_runs;
 	struct evproxy_frame *frames;	/* deliveries in progress */
 	uint64_t delivered;
 	uint64_t batches;

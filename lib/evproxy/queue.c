@@ -8,6 +8,15 @@
 #include "queue.h"
 
 #define EVQ_SEALED (1ULL << 63)
+
+/*
+ * Slot sequence values: FREE_FOR(p) when position p may be written,
+ * PUBLISHED(p) once it was. Doubling keeps the two apart even for a ring
+ * of one slot, where "published at p" and "free for p + 1" would otherwise
+ * be the same number.
+ */
+#define FREE_FOR(pos) (2 * (uint64_t)(pos))
+#define PUBLISHED(pos) (2 * (uint64_t)(pos) + 1)
 #define EVQ_FIRST_RING 1024
 
 static struct evq_ring *ring_new(uint64_t size)
@@ -30,7 +39,7 @@ static struct evq_ring *ring_new(uint64_t size)
 	r->size = size;
 	r->mask = (size & (size - 1)) == 0 ? size - 1 : 0;
 	for (i = 0; i < size; i++) {
-		atomic_init(&r->slots[i].seq, i);
+		atomic_init(&r->slots[i].seq, FREE_FOR(i));
 	}
 	atomic_init(&r->tail, 0);
 	atomic_init(&r->next, NULL);
@@ -130,7 +139,7 @@ int evq_push(struct evq *q, const struct evq_item *item)
 		s = slot_at(r, pos);
 		/* acquire: the consumer is done with the slot's old contents */
 		seq = atomic_load_explicit(&s->seq, memory_order_acquire);
-		diff = (int64_t)(seq - pos);
+		diff = (int64_t)(seq - FREE_FOR(pos));
 		if (diff == 0) {
 			if (atomic_compare_exchange_weak_explicit(
 				    &r->tail, &pos, pos + 1,
@@ -145,7 +154,7 @@ int evq_push(struct evq *q, const struct evq_item *item)
 				 * half of the 'idle' handshake, see
 				 * proxy_internal.h
 				 */
-				atomic_store_explicit(&s->seq, pos + 1,
+				atomic_store_explicit(&s->seq, PUBLISHED(pos),
 						      memory_order_seq_cst);
 				return 0;
 			}
@@ -201,13 +210,13 @@ bool evq_ready(struct evq *q)
 	struct evq_slot *s = slot_at(r, r->head);
 
 	if (atomic_load_explicit(&s->seq, memory_order_seq_cst) ==
-	    r->head + 1) {
+	    PUBLISHED(r->head)) {
 		return true;
 	}
 	r = consumer_ring(q);
 	s = slot_at(r, r->head);
 	return atomic_load_explicit(&s->seq, memory_order_seq_cst) ==
-	       r->head + 1;
+	       PUBLISHED(r->head);
 }
 
 bool evq_pop(struct evq *q, struct evq_item *item)
@@ -217,12 +226,13 @@ bool evq_pop(struct evq *q, struct evq_item *item)
 	uint64_t pos = r->head;
 
 	/* acquire: pairs with the producer's release store of seq */
-	if (atomic_load_explicit(&s->seq, memory_order_acquire) != pos + 1) {
+	if (atomic_load_explicit(&s->seq, memory_order_acquire) !=
+	    PUBLISHED(pos)) {
 		r = consumer_ring(q);
 		pos = r->head;
 		s = slot_at(r, pos);
 		if (atomic_load_explicit(&s->seq, memory_order_acquire) !=
-		    pos + 1) {
+		    PUBLISHED(pos)) {
 			return false;
 		}
 	}
@@ -230,7 +240,8 @@ bool evq_pop(struct evq *q, struct evq_item *item)
 	item->fn = s->fn;
 	item->private_data = s->private_data;
 	/* release: the slot is free for the lap after this one */
-	atomic_store_explicit(&s->seq, pos + r->size, memory_order_release);
+	atomic_store_explicit(&s->seq, FREE_FOR(pos + r->size),
+			      memory_order_release);
 	r->head = pos + 1;
 	return true;
 }

@@ -3,9 +3,11 @@
  *
  * A ring of slots with per-slot sequence numbers (the classic bounded
  * array queue): a producer claims position 'pos' with a CAS on the ring's
- * tail, writes the slot, then publishes it by storing seq = pos + 1
- * (release); the consumer takes the slot at its head when seq == pos + 1
- * (acquire) and frees it for the next lap with seq = pos + size (release).
+ * tail when the slot says "free for pos", writes the slot, then publishes
+ * it by storing "published at pos"; the consumer takes the slot at its
+ * head when it says "published at head" (acquire) and frees it for the
+ * next lap with "free for head + size" (release). See queue.c for the
+ * encoding.
  *
  * Bounded queues are one ring of exactly 'capacity' slots: a full ring
  * gives EAGAIN. Unbounded queues are a chain of rings, each twice the size

@@ -10,6 +10,7 @@
 #include <stdlib.h>
 #include <tevent.h>
 
+#include "evlist.h"
 #include "proxy_internal.h"
 
 struct send_state {
@@ -22,31 +23,23 @@ struct send_state {
 	struct evproxy_waiter *w;	/* registered waiter, or NULL */
 };
 
+/*
+ * Waiter ownership: the request allocates and frees its waiter; the
+ * destination only unlinks waiters and rings them, under wait_lock. So the
+ * request may look at w->listed under the lock at any time.
+ */
+
 /* Caller holds wait_lock. */
 static void waiter_unlink(struct evproxy_sender *s, struct evproxy_waiter *w)
 {
-	if (w->prev != NULL) {
-		w->prev->next = w->next;
-	} else {
-		s->waiters = w->next;
-	}
-	if (w->next != NULL) {
-		w->next->prev = w->prev;
-	}
-	w->prev = w->next = NULL;
+	EVLIST_REMOVE(s->waiters, s->waiters_tail, w);
 	w->listed = false;
 	atomic_fetch_sub_explicit(&s->nwaiters, 1, memory_order_relaxed);
 }
 
-static void waiter_free(struct evproxy_waiter *w)
-{
-	evproxy_ringer_unref(w->ringer);
-	free(w);
-}
-
 void evproxy_wake_waiters(struct evproxy_sender *s)
 {
-	struct evproxy_waiter *list, *w, *next;
+	struct evproxy_waiter *w;
 
 	/* slots freed (release), then a seq_cst RMW: see nwaiters */
 	if (atomic_fetch_add_explicit(&s->nwaiters, 0, memory_order_seq_cst) ==
@@ -54,22 +47,19 @@ void evproxy_wake_waiters(struct evproxy_sender *s)
 		return;
 	}
 	pthread_mutex_lock(&s->wait_lock);
-	list = s->waiters;
-	s->waiters = NULL;
-	for (w = list; w != NULL; w = w->next) {
-		w->listed = false;
-	}
-	atomic_store_explicit(&s->nwaiters, 0, memory_order_relaxed);
-	pthread_mutex_unlock(&s->wait_lock);
-	/* now ours alone: the requests no longer point at them */
-	for (w = list; w != NULL; w = next) {
-		next = w->next;
+	/*
+	 * Ring in registration order, under the lock: a ring is an atomic
+	 * add and at most one eventfd write, and the lock is what keeps the
+	 * waiter alive meanwhile.
+	 */
+	while ((w = s->waiters) != NULL) {
+		waiter_unlink(s, w);
 		evproxy_ringer_ring(w->ringer);
-		waiter_free(w);
 	}
+	pthread_mutex_unlock(&s->wait_lock);
 }
 
-/* Drop our waiter if the destination has not taken it yet. */
+/* Unregister our waiter (if still listed) and free it. */
 static void state_unwait(struct send_state *st)
 {
 	struct evproxy_waiter *w = st->w;
@@ -81,12 +71,10 @@ static void state_unwait(struct send_state *st)
 	pthread_mutex_lock(&st->s->wait_lock);
 	if (w->listed) {
 		waiter_unlink(st->s, w);
-		pthread_mutex_unlock(&st->s->wait_lock);
-		waiter_free(w);
-		return;
 	}
-	/* the destination took it off the list and will free it */
 	pthread_mutex_unlock(&st->s->wait_lock);
+	evproxy_ringer_unref(w->ringer);
+	free(w);
 }
 
 static int state_destructor(struct send_state *st)
@@ -106,11 +94,7 @@ static int state_wait(struct send_state *st)
 	}
 	w->ringer = evproxy_doorbell_ringer(st->db);
 	pthread_mutex_lock(&st->s->wait_lock);
-	w->next = st->s->waiters;
-	if (w->next != NULL) {
-		w->next->prev = w;
-	}
-	st->s->waiters = w;
+	EVLIST_APPEND(st->s->waiters, st->s->waiters_tail, w);
 	w->listed = true;
 	/* seq_cst RMW: pairs with the one in evproxy_wake_waiters */
 	atomic_fetch_add_explicit(&st->s->nwaiters, 1, memory_order_seq_cst);
@@ -132,8 +116,16 @@ static void try_send(struct tevent_req *req)
 			break;
 		}
 		if (st->w != NULL) {
-			/* registered before this retry: wait for the ring */
-			return;
+			pthread_mutex_lock(&st->s->wait_lock);
+			if (st->w->listed) {
+				/* registered before this retry: wait */
+				pthread_mutex_unlock(&st->s->wait_lock);
+				return;
+			}
+			/* already rung: register again */
+			pthread_mutex_unlock(&st->s->wait_lock);
+			state_unwait(st);
+			continue;
 		}
 		ret = state_wait(st);
 		if (ret != 0) {
@@ -142,6 +134,8 @@ static void try_send(struct tevent_req *req)
 		/* retry once more now that we are registered */
 	}
 	state_unwait(st);
+	/* no more "space" rings for a finished request */
+	TALLOC_FREE(st->db);
 	if (ret == 0) {
 		tevent_req_done(req);
 	} else {
@@ -154,10 +148,11 @@ static void space_handler(struct tevent_context *ev,
 			  void *private_data)
 {
 	struct tevent_req *req = private_data;
-	struct send_state *st = tevent_req_data(req, struct send_state);
 
-	/* the destination took our waiter off its list and frees it */
-	st->w = NULL;
+	if (!tevent_req_is_in_progress(req)) {
+		return;
+	}
+	/* the destination unlinked our waiter; try_send frees it */
 	try_send(req);
 }
 

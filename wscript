@@ -219,7 +219,7 @@ def build(bld):
         bld.program(source=bench, target='evproxy-bench',
                     includes=['include', 'lib', 'bench'],
                     defines=['TEVENT_VERSION="%s"' % bld.env.TEVENT_VERSION] +
-                    ['HAVE_URING=1' for n in bench if n.name == 'uring.c'],
+                    ['BENCH_URING=1' for n in bench if n.name == 'uring.c'],
                     lib=['m'],
                     # static: the installed program needs no rpath
                     use=['evproxy_static', 'evpoll_static', 'TEVENT',

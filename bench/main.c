@@ -271,7 +271,7 @@ int main(int argc, char **argv)
 	bench_rtt();
 	bench_tput();
 	bench_misc();
-#ifdef HAVE_URING
+#ifdef BENCH_URING
 	bench_uring();
 #endif
 	compute_ratios();

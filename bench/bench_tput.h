@@ -30,6 +30,7 @@ struct tput {
 	unsigned producers;
 	atomic_bool ready;	/* consumer set up */
 	atomic_bool go;		/* producers may start */
+	atomic_uint producers_done;	/* returned from their last send */
 	uint64_t start_ns, end_ns;
 	uint64_t received;	/* consumer thread only */
 

@@ -185,13 +185,15 @@ struct tpp {
 	struct tevent_context *ev_a, *ev_b;
 	atomic_bool b_ready;
 	atomic_bool stopping;	/* A -> B: the next ping is the last */
+	atomic_bool a_done;	/* A returned from its last send */
 	bool b_done;		/* B only: the last ping arrived */
 	bool pong;
 
 	void (*setup_b)(struct tpp *p);	/* on B, after ev_b exists */
 	void (*setup_a)(struct tpp *p);	/* on A */
 	void (*to_b)(struct tpp *p);	/* from A */
-	void (*teardown_b)(struct tpp *p);
+	void (*teardown_b)(struct tpp *p);	/* on B, before ev_b goes */
+	void (*teardown_a)(struct tpp *p);	/* on A, after B is joined */
 
 	/* mechanism state */
 	struct tevent_threaded_context *tctx_a, *tctx_b;
@@ -232,6 +234,13 @@ static void *tpp_responder(void *arg)
 	while (!p->b_done) {
 		tevent_loop_once(p->ev_b);
 	}
+	/*
+	 * tevent's senders touch the destination's wake-up fd after they
+	 * queued the message: wait until A is out of its last send call.
+	 */
+	while (!atomic_load(&p->a_done)) {
+		bench_relax();
+	}
 	if (p->teardown_b != NULL) {
 		p->teardown_b(p);
 	}
@@ -263,7 +272,11 @@ static void tpp_run(struct tpp *p, struct bench_result *r)
 	/* a last ping, which B does not answer, ends B's loop */
 	atomic_store(&p->stopping, true);
 	p->to_b(p);
+	atomic_store(&p->a_done, true);
 	pthread_join(t, NULL);
+	if (p->teardown_a != NULL) {
+		p->teardown_a(p);
+	}
 	talloc_free(p->ev_a);
 	finish(r, s, n);
 }
@@ -442,10 +455,15 @@ static void db_to_b(struct tpp *p)
 	evproxy_ringer_ring(p->r_b);
 }
 
+/* each side drops the reference of the ringer it rang with */
 static void db_teardown_b(struct tpp *p)
 {
-	evproxy_ringer_unref(p->r_b);
 	evproxy_ringer_unref(p->r_a);
+}
+
+static void db_teardown_a(struct tpp *p)
+{
+	evproxy_ringer_unref(p->r_b);
 }
 
 static void rtt_doorbell(const char *name, const char *backend,
@@ -456,6 +474,7 @@ static void rtt_doorbell(const char *name, const char *backend,
 		.backend_a = backend, .backend_b = backend,
 		.setup_a = db_setup_a, .setup_b = db_setup_b,
 		.to_b = db_to_b, .teardown_b = db_teardown_b,
+		.teardown_a = db_teardown_a,
 	};
 	struct bench_result r = {
 		.name = name, .unit = "ns", .baseline = baseline,

@@ -32,6 +32,13 @@ static void *consumer_main(void *arg)
 	atomic_store(&t->ready, true);
 	t->m->consume(t);
 	t->end_ns = bench_now_ns();
+	/*
+	 * tevent's senders touch the destination's wake-up fd after they
+	 * queued the message: tear down only when they are out of it.
+	 */
+	while (atomic_load(&t->producers_done) != t->producers) {
+		bench_relax();
+	}
 	if (t->m->consumer_teardown != NULL) {
 		t->m->consumer_teardown(t);
 	}
@@ -51,6 +58,7 @@ static void *producer_main(void *arg)
 		bench_relax();
 	}
 	a->t->m->produce(a->t, a->idx);
+	atomic_fetch_add(&a->t->producers_done, 1);
 	return NULL;
 }
 

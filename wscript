@@ -21,7 +21,8 @@ LIBRARIES = [
 
 LIBRARY_NAMES = [name for name, _, _ in LIBRARIES]
 
-PUBLIC_HEADERS = ['include/evpoll.h', 'include/evproxy.h']
+PUBLIC_HEADERS = ['include/evpoll.h', 'include/evproxy.h',
+                  'include/evproxy_pool.h']
 
 # Optional adapters: (env flag, file prefix in lib/evpoll and tests/,
 # public header, uselib, exported symbol prefix)
@@ -234,6 +235,10 @@ def build(bld):
         bld.program(source=[src], target='examples/' + prog,
                     includes=['include'],
                     use='evproxy evpoll TEVENT TALLOC PTHREAD',
+                    # link libevpoll directly even where the toolchain
+                    # defaults to --as-needed: the runpath is not
+                    # transitive, libevproxy's own need must be met here
+                    linkflags=['-Wl,--no-as-needed'],
                     rpath=['$ORIGIN/..'], install_path=None)
 
     if bld.cmd == 'test':

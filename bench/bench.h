@@ -62,6 +62,7 @@ const struct bench_result *bench_find(const char *name);
 void bench_rtt(void);
 void bench_tput(void);
 void bench_misc(void);
+void bench_pool(void);
 void bench_uring(void);	/* bench/uring.c, built with liburing */
 
 #endif

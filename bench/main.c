@@ -271,6 +271,7 @@ int main(int argc, char **argv)
 	bench_rtt();
 	bench_tput();
 	bench_misc();
+	bench_pool();
 #ifdef BENCH_URING
 	bench_uring();
 #endif

@@ -10,6 +10,7 @@
 #include <stdlib.h>
 #include <tevent.h>
 
+#include "req_errno.h"
 #include "evlist.h"
 #include "proxy_internal.h"
 
@@ -211,29 +212,5 @@ _PUBLIC_ struct tevent_req *evproxy_send_send(TALLOC_CTX *mem_ctx,
 
 _PUBLIC_ int evproxy_send_recv(struct tevent_req *req)
 {
-	enum tevent_req_state state;
-	uint64_t err;
-	int ret = 0;
-
-	if (req == NULL) {
-		return EINVAL;
-	}
-	if (tevent_req_is_error(req, &state, &err)) {
-		switch (state) {
-		case TEVENT_REQ_USER_ERROR:
-			ret = (int)err;
-			break;
-		case TEVENT_REQ_TIMED_OUT:
-			ret = ETIMEDOUT;
-			break;
-		case TEVENT_REQ_NO_MEMORY:
-			ret = ENOMEM;
-			break;
-		default:
-			ret = EINVAL;
-			break;
-		}
-	}
-	tevent_req_received(req);
-	return ret;
+	return evproxy_req_errno(req);
 }

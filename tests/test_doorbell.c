@@ -208,26 +208,6 @@ static bool wait_ge(atomic_uint_fast64_t *v, uint64_t want,
 	return true;
 }
 
-/* A context for a backend spec, without cmocka: for other threads. */
-static struct tevent_context *thread_context(TALLOC_CTX *mem_ctx,
-					     const char *spec)
-{
-	struct evpoll_config cfg;
-
-	if (strncmp(spec, "evpoll-", 7) != 0) {
-		return tevent_context_init_byname(mem_ctx, spec);
-	}
-	evpoll_config_default(&cfg);
-	if (strcmp(spec, "evpoll-never") == 0) {
-		cfg.mode = EVPOLL_MODE_NEVER;
-	} else if (strcmp(spec, "evpoll-auto") == 0) {
-		cfg.mode = EVPOLL_MODE_AUTO;
-	} else {
-		cfg.mode = EVPOLL_MODE_ALWAYS;
-	}
-	return evpoll_context_init(mem_ctx, &cfg);
-}
-
 static bool fd_readable(int fd)
 {
 	struct pollfd p = { .fd = fd, .events = POLLIN };
@@ -850,7 +830,7 @@ static void *loop_thread_main(void *arg)
 	TALLOC_CTX *mem = talloc_new(NULL);
 	struct evproxy_ringer *r = NULL;
 
-	ev = thread_context(mem, lt->spec);
+	ev = tu_context_try(mem, lt->spec);
 	if (ev == NULL) {
 		lt->error = "no context";
 	} else {
@@ -1345,7 +1325,7 @@ static void *foreign_main(void *arg)
 	struct epoll_event e = { .events = EPOLLIN };
 	int fd, ep;
 
-	ev = thread_context(mem, f->spec);
+	ev = tu_context_try(mem, f->spec);
 	db = ev != NULL ?
 	     evproxy_add_doorbell(ev, ev, foreign_handler, f) : NULL;
 	fd = db != NULL ? evproxy_doorbell_fd(db) : -1;
@@ -1992,7 +1972,7 @@ static int child_checks(struct evproxy_doorbell *inherited,
 	}
 	for (spec = specs; *spec != NULL; spec++) {
 		TALLOC_CTX *mem = talloc_new(NULL);
-		struct tevent_context *ev = thread_context(mem, *spec);
+		struct tevent_context *ev = tu_context_try(mem, *spec);
 		struct evproxy_doorbell *db;
 		struct tally t = { .target = 2 };
 		unsigned i;

@@ -147,26 +147,6 @@ static struct tmsg *tmsg_get(void *msg)
 /* ------------------------------------------------------------------ */
 /* Loops */
 
-/* A context for a backend spec, usable off the cmocka thread. */
-static struct tevent_context *context_new(TALLOC_CTX *mem_ctx,
-					  const char *spec)
-{
-	struct evpoll_config cfg;
-
-	if (strncmp(spec, "evpoll-", 7) != 0) {
-		return tevent_context_init_byname(mem_ctx, spec);
-	}
-	evpoll_config_default(&cfg);
-	if (strcmp(spec, "evpoll-never") == 0) {
-		cfg.mode = EVPOLL_MODE_NEVER;
-	} else if (strcmp(spec, "evpoll-auto") == 0) {
-		cfg.mode = EVPOLL_MODE_AUTO;
-	} else {
-		cfg.mode = EVPOLL_MODE_ALWAYS;
-	}
-	return evpoll_context_init(mem_ctx, &cfg);
-}
-
 /* A timer that fires every 20 ms, so a loop never blocks for good. */
 static void tick(struct tevent_context *ev, struct tevent_timer *te,
 		 struct timeval now, void *private_data)
@@ -1133,7 +1113,7 @@ static void *dthread_main(void *arg)
 {
 	struct dthread *d = arg;
 	TALLOC_CTX *mem = talloc_new(NULL);
-	struct tevent_context *ev = context_new(mem, d->spec);
+	struct tevent_context *ev = tu_context_try(mem, d->spec);
 	struct evproxy_config cfg;
 	struct evproxy *p = NULL;
 
@@ -1978,7 +1958,7 @@ static void *rr_server_main(void *arg)
 {
 	struct rr_server *srv = arg;
 	TALLOC_CTX *mem = talloc_new(NULL);
-	struct tevent_context *ev = context_new(mem, srv->spec);
+	struct tevent_context *ev = tu_context_try(mem, srv->spec);
 	struct evproxy *p = ev != NULL ?
 			    evproxy_create(ev, ev, NULL) : NULL;
 

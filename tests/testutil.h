@@ -19,6 +19,12 @@ extern const char *const tu_evpoll_modes[];	/* NULL-terminated */
 /* Create a context for a backend spec; fails the test on error. */
 struct tevent_context *tu_context(TALLOC_CTX *mem_ctx, const char *spec);
 
+/*
+ * The same without cmocka (whose asserts are not thread-safe), for other
+ * threads: NULL on error (errno EINVAL for an unknown spec).
+ */
+struct tevent_context *tu_context_try(TALLOC_CTX *mem_ctx, const char *spec);
+
 /* CLOCK_MONOTONIC in nanoseconds */
 uint64_t tu_now_ns(void);
 

@@ -13,8 +13,12 @@
 
 const struct tevent_ops *evpoll_epoll_ops;
 static struct tevent_ops evpoll_ops;
-static pthread_once_t evpoll_once = PTHREAD_ONCE_INIT;
-static bool evpoll_registered;
+/*
+ * evpoll_init() runs its setup under this lock until it succeeds once, so
+ * a first attempt that failed (no memory) is retried by the next call.
+ */
+static pthread_mutex_t evpoll_init_lock = PTHREAD_MUTEX_INITIALIZER;
+static atomic_bool evpoll_registered;	/* release store, acquire load */
 
 static int sigtrack_destructor(struct evpoll_sigtrack *t)
 {
@@ -319,7 +323,7 @@ static void evpoll_do_init(void)
 {
 	const struct tevent_ops *ops;
 
-	/* also runs tevent's own one-time backend setup, under our once */
+	/* also runs tevent's own one-time backend setup, under our lock */
 	evpoll_epoll_ops = tevent_find_ops_byname("epoll");
 	if (evpoll_epoll_ops == NULL) {
 		return;
@@ -332,13 +336,24 @@ static void evpoll_do_init(void)
 	evpoll_ops.add_timer = evpoll_add_timer_op;
 	tevent_register_backend("evpoll", &evpoll_ops);
 	ops = tevent_find_ops_byname("evpoll");
-	evpoll_registered = (ops == &evpoll_ops);
+	if (ops == &evpoll_ops) {
+		atomic_store_explicit(&evpoll_registered, true,
+				      memory_order_release);
+	}
 }
 
 _PUBLIC_ bool evpoll_init(void)
 {
-	pthread_once(&evpoll_once, evpoll_do_init);
-	return evpoll_registered;
+	/* acquire: pairs with the release store after a successful setup */
+	if (atomic_load_explicit(&evpoll_registered, memory_order_acquire)) {
+		return true;
+	}
+	pthread_mutex_lock(&evpoll_init_lock);
+	if (!atomic_load_explicit(&evpoll_registered, memory_order_relaxed)) {
+		evpoll_do_init();
+	}
+	pthread_mutex_unlock(&evpoll_init_lock);
+	return atomic_load_explicit(&evpoll_registered, memory_order_acquire);
 }
 
 _PUBLIC_ struct tevent_context *evpoll_context_init(

@@ -195,7 +195,13 @@ static unsigned drain(struct evproxy *p, bool *freed)
 static void consume(struct evproxy *p)
 {
 	bool freed;
-	unsigned n = drain(p, &freed);
+	unsigned n;
+
+	if (p->core->pid != evproxy_pid()) {
+		/* inherited across fork(): the queue is the parent's */
+		return;
+	}
+	n = drain(p, &freed);
 
 	if (freed) {
 		return;
@@ -234,7 +240,8 @@ static int poll_queue(struct tevent_context *ev, void *private_data)
 	struct evproxy *p = private_data;
 	bool freed;
 
-	if (!evq_ready(&p->core->q)) {
+	if (p->core->pid != evproxy_pid() || !evq_ready(&p->core->q)) {
+		/* nothing queued, or inherited across fork(): not ours */
 		return 0;
 	}
 	return (int)drain(p, &freed);

@@ -200,7 +200,9 @@ _PUBLIC_ struct tevent_req *evproxy_send_send(TALLOC_CTX *mem_ctx,
 		return tevent_req_post(req, ev);
 	}
 	st->db = evproxy_add_doorbell(ev, st, space_handler, req);
-	if (tevent_req_nomem(st->db, req)) {
+	if (st->db == NULL) {
+		/* EMFILE/ENFILE or ENOMEM, as evproxy_add_doorbell said */
+		tevent_req_error(req, errno != 0 ? errno : ENOMEM);
 		return tevent_req_post(req, ev);
 	}
 	try_send(req);

@@ -41,6 +41,7 @@
 #include <string.h>
 #include <sys/types.h>
 #include <sys/wait.h>
+#include <time.h>
 #include <unistd.h>
 #include <cmocka.h>
 #include <talloc.h>
@@ -548,8 +549,10 @@ struct life {
 	unsigned done;		/* under lock: workers through the round */
 	struct evproxy_sender *s;	/* under lock: this round's */
 	struct evproxy_ringer *r;
-	atomic_uint started;	/* workers that made a first attempt */
+	unsigned started;	/* under lock: workers that made an attempt */
 	atomic_bool stop;	/* the victim is freed: stop the round */
+	/* main waits on cond for 'ops' to advance: workers broadcast */
+	atomic_bool watch;
 	struct worker w[NWORKERS];
 
 	/* main thread: what the destination saw this round */
@@ -644,6 +647,31 @@ static int worker_ring(struct worker *w, struct evproxy_ringer *r,
 	return ret;
 }
 
+/* ~10 us, without spinning: lets the main thread run on a busy machine */
+static void pause_briefly(void)
+{
+	struct timespec ts = { .tv_sec = 0, .tv_nsec = 10000 };
+
+	nanosleep(&ts, NULL);
+}
+
+/* Main thread: wait until every worker made 2 more attempts than @p ops. */
+static void life_wait_ops(struct life *L, const uint64_t *ops)
+{
+	unsigned k;
+
+	/* seq_cst: a worker either sees 'watch' or we see its attempt */
+	atomic_store(&L->watch, true);
+	pthread_mutex_lock(&L->lock);
+	for (k = 0; k < NWORKERS; k++) {
+		while (atomic_load(&L->w[k].ops) < ops[k] + 2) {
+			pthread_cond_wait(&L->cond, &L->lock);
+		}
+	}
+	pthread_mutex_unlock(&L->lock);
+	atomic_store(&L->watch, false);
+}
+
 static void *worker_thread(void *arg)
 {
 	struct worker *w = arg;
@@ -674,24 +702,30 @@ static void *worker_thread(void *arg)
 		w->rung_ok = w->rung_canceled = 0;
 		w->errors = 0;
 		/*
-		 * Full speed for a varying burst, then yielding between
-		 * attempts: rounds stay short on a 2-core machine (4
-		 * threads want the CPU), and the free lands at different
-		 * points of the workers' runs.
+		 * Full speed for a varying burst, then a short sleep
+		 * between attempts: rounds stay short on a loaded 2-core
+		 * machine (4 threads want the CPU), and the free lands at
+		 * different points of the workers' runs.
 		 */
 		budget = 1 + (round * 31 + w->id * 17) % 256;
 		while (!atomic_load(&L->stop)) {
 			worker_send(w, s, (uint32_t)round, &send_canceled);
 			worker_ring(w, r, &ring_canceled);
+			/* seq_cst, then 'watch': pairs with life_wait_ops() */
 			atomic_fetch_add(&w->ops, 1);
-			if (first) {
-				atomic_fetch_add(&L->started, 1);
-				first = false;
+			if (first || atomic_load(&L->watch)) {
+				pthread_mutex_lock(&L->lock);
+				if (first) {
+					L->started++;
+					first = false;
+				}
+				pthread_cond_broadcast(&L->cond);
+				pthread_mutex_unlock(&L->lock);
 			}
 			if (budget > 0) {
 				budget--;
 			} else {
-				sched_yield();
+				pause_briefly();
 			}
 		}
 		/* the victim is gone by now: its users must see ECANCELED */
@@ -800,16 +834,18 @@ static void test_lifetime(void **state)
 		L->s = s;
 		L->r = rr;
 		L->done = 0;
-		atomic_store(&L->started, 0);
+		L->started = 0;
 		atomic_store(&L->stop, false);
 		L->round = r;
 		pthread_cond_broadcast(&L->cond);
 		pthread_mutex_unlock(&L->lock);
 
 		/* free while one, two or all workers are at it */
-		while (atomic_load(&L->started) < 1 + r % NWORKERS) {
-			sched_yield();
+		pthread_mutex_lock(&L->lock);
+		while (L->started < 1 + r % NWORKERS) {
+			pthread_cond_wait(&L->cond, &L->lock);
 		}
+		pthread_mutex_unlock(&L->lock);
 		if (r % 4 != 0) {
 			/*
 			 * Deliver some first. A worker that started rang at
@@ -835,11 +871,7 @@ static void test_lifetime(void **state)
 			break;
 		}
 		/* the workers go on after the free: wait for 2 more each */
-		for (k = 0; k < NWORKERS; k++) {
-			while (atomic_load(&L->w[k].ops) < ops[k] + 2) {
-				sched_yield();
-			}
-		}
+		life_wait_ops(L, ops);
 		pthread_mutex_lock(&L->lock);
 		atomic_store(&L->stop, true);
 		pthread_cond_broadcast(&L->cond);

@@ -8,7 +8,7 @@
  * drop-in, argument checks and re-entrancy.
  *
  * Checks made off the cmocka thread (worker threads, handlers) go through
- * CHECK(), which counts failures; each test asserts the count is 0. Leaks
+ * TU_CHECK(), which counts failures; each test asserts the count is 0. Leaks
  * and use-after-free are left to valgrind and the sanitizers (messages may
  * carry no destructor, so the tests cannot watch them being freed).
  *
@@ -42,35 +42,6 @@
 #define TMSG_MAGIC 0x4d534721u
 #define LONG_MS 120000	/* only reached when a test fails */
 
-/* ------------------------------------------------------------------ */
-/* Checks off the cmocka thread */
-
-static atomic_uint check_failures;
-
-static void check_failed(const char *file, int line, const char *expr)
-{
-	unsigned n = atomic_fetch_add(&check_failures, 1);
-
-	if (n < 20) {
-		fprintf(stderr, "%s:%d: check failed: %s\n", file, line, expr);
-	}
-}
-
-#define CHECK(cond) do { \
-	if (!(cond)) { \
-		check_failed(__FILE__, __LINE__, #cond); \
-	} \
-} while (0)
-
-static void checks_reset(void)
-{
-	atomic_store(&check_failures, 0);
-}
-
-static void checks_assert(void)
-{
-	assert_int_equal(atomic_load(&check_failures), 0);
-}
 
 /* ------------------------------------------------------------------ */
 /* Messages */
@@ -137,9 +108,9 @@ static struct tmsg *tmsg_get(void *msg)
 {
 	struct tmsg *m = talloc_get_type(msg, struct tmsg);
 
-	CHECK(m != NULL);
+	TU_CHECK(m != NULL);
 	if (m != NULL) {
-		CHECK(m->magic == TMSG_MAGIC);
+		TU_CHECK(m->magic == TMSG_MAGIC);
 	}
 	return m;
 }
@@ -267,7 +238,7 @@ static void basic_handler(struct tevent_context *ev, void *msg,
 	if (m == NULL) {
 		return;
 	}
-	CHECK(tmsg_child_ok(m));
+	TU_CHECK(tmsg_child_ok(m));
 	st->last = *m;
 	snprintf(st->child, sizeof(st->child), "%s", m->child);
 }
@@ -284,7 +255,7 @@ static void *basic_thread(void *arg)
 	struct basic_sender *b = arg;
 	struct tmsg *m = tmsg_new_child(7, 42);
 
-	CHECK(m != NULL);
+	TU_CHECK(m != NULL);
 	b->ret = evproxy_send(b->s, basic_handler, b->st, &m);
 	b->nulled = m == NULL;
 	if (m != NULL) {
@@ -297,7 +268,7 @@ static void test_basic_delivery(void **state)
 {
 	unsigned i;
 
-	checks_reset();
+	tu_checks_reset();
 	for (i = 0; tu_all_backends[i] != NULL; i++) {
 		struct tevent_context *ev = tu_context(NULL,
 						       tu_all_backends[i]);
@@ -348,7 +319,7 @@ static void test_basic_delivery(void **state)
 		talloc_free(ev);
 		evproxy_sender_unref(s);
 	}
-	checks_assert();
+	tu_checks_assert();
 }
 
 /* ------------------------------------------------------------------ */
@@ -375,12 +346,12 @@ static void fifo_handler(struct tevent_context *ev, void *msg,
 	if (m == NULL) {
 		return;
 	}
-	CHECK(m->producer < d->nproducers);
+	TU_CHECK(m->producer < d->nproducers);
 	if (m->producer >= d->nproducers) {
 		return;
 	}
 	/* strictly increasing, no gap, no duplicate */
-	CHECK(m->seq == d->next[m->producer]);
+	TU_CHECK(m->seq == d->next[m->producer]);
 	d->next[m->producer] = m->seq + 1;
 }
 
@@ -404,7 +375,7 @@ static void *producer_main(void *arg)
 		struct tmsg *orig = m;
 		int ret;
 
-		CHECK(m != NULL);
+		TU_CHECK(m != NULL);
 		if (m == NULL) {
 			return NULL;
 		}
@@ -415,12 +386,12 @@ static void *producer_main(void *arg)
 				break;
 			}
 			/* still ours, untouched */
-			CHECK(m == orig && m->seq == seq);
+			TU_CHECK(m == orig && m->seq == seq);
 			pr->eagain++;
 			sched_yield();
 		}
-		CHECK(ret == 0);
-		CHECK(m == NULL);
+		TU_CHECK(ret == 0);
+		TU_CHECK(m == NULL);
 		if (m != NULL) {
 			talloc_free(m);
 			return NULL;
@@ -484,7 +455,7 @@ static void run_fifo(const char *spec, size_t capacity, unsigned nproducers,
 		      (unsigned long long)stats.kernel_wakeups,
 		      (unsigned long long)stats.batches);
 	talloc_free(mem);
-	checks_assert();
+	tu_checks_assert();
 }
 
 static const char *const fifo_specs[] = {
@@ -495,7 +466,7 @@ static void test_fifo_unbounded(void **state)
 {
 	unsigned i;
 
-	checks_reset();
+	tu_checks_reset();
 	for (i = 0; fifo_specs[i] != NULL; i++) {
 		run_fifo(fifo_specs[i], 0, 4, tu_scale(50000));
 	}
@@ -505,7 +476,7 @@ static void test_fifo_bounded(void **state)
 {
 	unsigned i;
 
-	checks_reset();
+	tu_checks_reset();
 	for (i = 0; fifo_specs[i] != NULL; i++) {
 		/* producers take turns on 8 slots: fewer messages */
 		run_fifo(fifo_specs[i], 8, 4, tu_scale(10000));
@@ -514,7 +485,7 @@ static void test_fifo_bounded(void **state)
 
 static void test_fan_in(void **state)
 {
-	checks_reset();
+	tu_checks_reset();
 	run_fifo("epoll", 0, 8, tu_scale(20000));
 	run_fifo("evpoll-auto", 0, 8, tu_scale(20000));
 	run_fifo("epoll", 64, 8, tu_scale(5000));
@@ -545,8 +516,8 @@ static void own_handler(struct tevent_context *ev, void *msg,
 	if (m == NULL) {
 		return;
 	}
-	CHECK(tmsg_child_ok(m));
-	CHECK(talloc_get_size(m) == sizeof(*m));
+	TU_CHECK(tmsg_child_ok(m));
+	TU_CHECK(talloc_get_size(m) == sizeof(*m));
 	switch (m->mode) {
 	case MODE_DROP:
 		break;
@@ -554,14 +525,14 @@ static void own_handler(struct tevent_context *ev, void *msg,
 		st->kept[st->nkept++] = talloc_steal(st->keep, m);
 		break;
 	case MODE_FREE:
-		CHECK(talloc_free(m) == 0);
+		TU_CHECK(talloc_free(m) == 0);
 		break;
 	case MODE_KEEP_CHILD:
 		st->kept_children[st->nkept_children++] =
 			talloc_steal(st->keep, m->child);
 		break;
 	default:
-		CHECK(false);
+		TU_CHECK(false);
 		break;
 	}
 }
@@ -580,13 +551,13 @@ static void *own_thread(void *arg)
 	for (i = 0; i < os->n; i++) {
 		struct tmsg *m = tmsg_new_child(1, i);
 
-		CHECK(m != NULL);
+		TU_CHECK(m != NULL);
 		if (m == NULL) {
 			return NULL;
 		}
 		m->mode = (enum tmsg_mode)(i % 4);
-		CHECK(evproxy_send(os->s, own_handler, os->st, &m) == 0);
-		CHECK(m == NULL);
+		TU_CHECK(evproxy_send(os->s, own_handler, os->st, &m) == 0);
+		TU_CHECK(m == NULL);
 	}
 	return NULL;
 }
@@ -605,7 +576,7 @@ static void big_drop_handler(struct tevent_context *ev, void *msg,
 	bool *done = private_data;
 	unsigned char *b = msg;
 
-	CHECK(b[0] == 0xab && b[talloc_get_size(msg) - 1] == 0xcd);
+	TU_CHECK(b[0] == 0xab && b[talloc_get_size(msg) - 1] == 0xcd);
 	*done = true;
 }
 
@@ -614,7 +585,7 @@ static void test_ownership_in_handler(void **state)
 	const char *specs[] = { "epoll", "evpoll-always", NULL };
 	unsigned i, k;
 
-	checks_reset();
+	tu_checks_reset();
 	for (i = 0; specs[i] != NULL; i++) {
 		struct tevent_context *ev = tu_context(NULL, specs[i]);
 		struct evproxy *p = proxy_new(ev, ev, 0, 0);
@@ -695,7 +666,7 @@ static void test_ownership_in_handler(void **state)
 		evproxy_sender_unref(os.s);
 		talloc_free(ev);
 	}
-	checks_assert();
+	tu_checks_assert();
 }
 
 /* ------------------------------------------------------------------ */
@@ -704,7 +675,7 @@ static void test_ownership_in_handler(void **state)
 static void never_handler(struct tevent_context *ev, void *msg,
 			  void *private_data)
 {
-	CHECK(false);
+	TU_CHECK(false);
 }
 
 static void test_ownership_errors(void **state)
@@ -718,7 +689,7 @@ static void test_ownership_errors(void **state)
 	struct tmsg *m, *orig;
 	void *pool, *null_msg = NULL;
 
-	checks_reset();
+	tu_checks_reset();
 	assert_non_null(parent);
 
 	/* a message with a parent */
@@ -783,7 +754,7 @@ static void test_ownership_errors(void **state)
 	talloc_free(holder);
 	evproxy_sender_unref(s);
 	talloc_free(ev);
-	checks_assert();
+	tu_checks_assert();
 }
 
 /* ------------------------------------------------------------------ */
@@ -877,7 +848,7 @@ static void count_handler(struct tevent_context *ev, void *msg,
 {
 	struct count_state *c = private_data;
 
-	CHECK(tmsg_get(msg) != NULL);
+	TU_CHECK(tmsg_get(msg) != NULL);
 	c->delivered++;
 	if (c->delivered >= c->target) {
 		c->done = true;
@@ -888,7 +859,7 @@ static void test_destination_gone(void **state)
 {
 	unsigned i, k;
 
-	checks_reset();
+	tu_checks_reset();
 	for (i = 0; tu_all_backends[i] != NULL; i++) {
 		unsigned free_ev;
 
@@ -940,7 +911,7 @@ static void test_destination_gone(void **state)
 			}
 		}
 	}
-	checks_assert();
+	tu_checks_assert();
 }
 
 /* Senders racing with the destruction of the destination. */
@@ -966,22 +937,22 @@ static void *race_thread(void *arg)
 		struct tmsg *orig = m;
 		int ret;
 
-		CHECK(m != NULL);
+		TU_CHECK(m != NULL);
 		if (m == NULL) {
 			return NULL;
 		}
 		ret = evproxy_send(rs->s, count_handler, rs->c, &m);
 		if (ret == 0) {
-			CHECK(m == NULL);
+			TU_CHECK(m == NULL);
 			rs->sent_ok++;
 			continue;
 		}
 		/* still ours, untouched, valid memory */
-		CHECK(m == orig);
-		CHECK(m->magic == TMSG_MAGIC && m->seq == seq &&
+		TU_CHECK(m == orig);
+		TU_CHECK(m->magic == TMSG_MAGIC && m->seq == seq &&
 		      m->producer == rs->id);
-		CHECK(tmsg_child_ok(m));
-		CHECK(talloc_parent(m) == NULL);
+		TU_CHECK(tmsg_child_ok(m));
+		TU_CHECK(talloc_parent(m) == NULL);
 		talloc_free(m);
 		if (ret == EAGAIN) {
 			rs->eagain++;
@@ -1004,7 +975,7 @@ static void test_destination_race(void **state)
 	uint64_t r, total_ok = 0, total_delivered = 0;
 	uint64_t t0 = tu_now_ns();
 
-	checks_reset();
+	tu_checks_reset();
 	for (r = 0; r < rounds; r++) {
 		const char *spec = fifo_specs[r % 3];
 		struct tevent_context *ev = tu_context(NULL, spec);
@@ -1061,7 +1032,7 @@ static void test_destination_race(void **state)
 		      (unsigned long long)total_delivered,
 		      (unsigned long long)(total_ok - total_delivered),
 		      (tu_now_ns() - t0) / 1e6);
-	checks_assert();
+	tu_checks_assert();
 }
 
 /* ------------------------------------------------------------------ */
@@ -1098,7 +1069,7 @@ static void dthread_handler(struct tevent_context *ev, void *msg,
 	struct tmsg *m = tmsg_get(msg);
 
 	if (m != NULL) {
-		CHECK(tmsg_child_ok(m));
+		TU_CHECK(tmsg_child_ok(m));
 		/* strictly increasing (messages given up leave gaps) */
 		if (d->any && m->seq <= d->last_seq) {
 			d->inversions++;
@@ -1122,7 +1093,7 @@ static void *dthread_main(void *arg)
 	if (ev != NULL) {
 		p = evproxy_create(mem, ev, &cfg);
 	}
-	CHECK(p != NULL);
+	TU_CHECK(p != NULL);
 	pthread_mutex_lock(&d->lock);
 	d->s = evproxy_sender(p);
 	d->ready = true;
@@ -1150,7 +1121,7 @@ static void *dthread_main(void *arg)
 			while (atomic_load(&d->delivered) < target) {
 				if (tevent_loop_once(ev) != 0 ||
 				    tu_now_ns() > deadline) {
-					CHECK(false);
+					TU_CHECK(false);
 					break;
 				}
 			}
@@ -1380,7 +1351,7 @@ static void test_bounded_capacity(void **state)
 	const size_t caps[] = { 1, 2, 3, 4, 5, 8, 100 };
 	unsigned i, lap;
 
-	checks_reset();
+	tu_checks_reset();
 	for (i = 0; i < sizeof(caps) / sizeof(caps[0]); i++) {
 		struct tevent_context *ev = tu_context(NULL, "epoll");
 		struct evproxy *p = proxy_new(ev, ev, caps[i], 0);
@@ -1424,16 +1395,16 @@ static void test_bounded_capacity(void **state)
 		evproxy_sender_unref(s);
 		talloc_free(ev);
 	}
-	checks_assert();
+	tu_checks_assert();
 }
 
 static void test_backpressure(void **state)
 {
-	checks_reset();
+	tu_checks_reset();
 	backpressure_basic("epoll", "epoll");
 	backpressure_basic("evpoll-always", "epoll");
 	backpressure_basic("epoll", "evpoll-auto");
-	checks_assert();
+	tu_checks_assert();
 }
 
 static void test_backpressure_args(void **state)
@@ -1446,7 +1417,7 @@ static void test_backpressure_args(void **state)
 	TALLOC_CTX *parent = talloc_new(NULL);
 	void *null_msg = NULL;
 
-	checks_reset();
+	tu_checks_reset();
 	dthread_start(&d, "epoll", 4);
 	m = orig = tmsg_new_child(0, 0);
 
@@ -1506,7 +1477,7 @@ static void test_backpressure_args(void **state)
 	dthread_stop(&d);
 	assert_int_equal(atomic_load(&d.delivered), 0);
 	talloc_free(ev);
-	checks_assert();
+	tu_checks_assert();
 }
 
 /* Many sends with backpressure, each waiting in turn, FIFO. */
@@ -1528,8 +1499,8 @@ static void chain_done(struct tevent_req *req)
 	int ret = evproxy_send_recv(req);
 
 	talloc_free(req);
-	CHECK(ret == 0);
-	CHECK(c->m == NULL);
+	TU_CHECK(ret == 0);
+	TU_CHECK(c->m == NULL);
 	if (ret != 0) {
 		talloc_free(c->m);
 		c->m = NULL;
@@ -1549,10 +1520,10 @@ static void chain_next(struct chain *c)
 		return;
 	}
 	c->m = tmsg_new_child(0, c->d->seq++);
-	CHECK(c->m != NULL);
+	TU_CHECK(c->m != NULL);
 	req = evproxy_send_send(c->ev, c->ev, c->d->s, dthread_handler, c->d,
 				&c->m);
-	CHECK(req != NULL);
+	TU_CHECK(req != NULL);
 	if (req == NULL) {
 		talloc_free(c->m);
 		c->done = true;
@@ -1572,7 +1543,7 @@ static void test_backpressure_chain(void **state)
 	};
 	unsigned i;
 
-	checks_reset();
+	tu_checks_reset();
 	for (i = 0; i < 5; i++) {
 		bool spin = strcmp(specs[i][1], "epoll") != 0;
 		struct chain c = {
@@ -1603,7 +1574,7 @@ static void test_backpressure_chain(void **state)
 			      (tu_now_ns() - t0) / 1e6);
 		talloc_free(c.ev);
 	}
-	checks_assert();
+	tu_checks_assert();
 }
 
 /* ------------------------------------------------------------------ */
@@ -1641,10 +1612,10 @@ static void yield_handler(struct tevent_context *ev, void *msg,
 {
 	struct yield_state *y = private_data;
 
-	CHECK(tmsg_get(msg) != NULL);
+	TU_CHECK(tmsg_get(msg) != NULL);
 	if (y->delivered == 0) {
 		/* the fd becomes readable and the timer due during a batch */
-		CHECK(write(y->pipe_w, "x", 1) == 1);
+		TU_CHECK(write(y->pipe_w, "x", 1) == 1);
 		while (tu_now_ns() < y->busy_until) {
 			/* busy */
 		}
@@ -1694,7 +1665,7 @@ static void *flood_thread(void *arg)
 	for (i = 0; i < f->count; i++) {
 		struct tmsg *m = tmsg_new(0, i);
 
-		CHECK(evproxy_send(f->s, f->handler, f->private_data, &m) ==
+		TU_CHECK(evproxy_send(f->s, f->handler, f->private_data, &m) ==
 		      0);
 		if (m != NULL) {
 			talloc_free(m);
@@ -1722,7 +1693,7 @@ static void test_batch_yield(void **state)
 	const char *specs[] = { "epoll", "evpoll-always", NULL };
 	unsigned i;
 
-	checks_reset();
+	tu_checks_reset();
 	for (i = 0; specs[i] != NULL; i++) {
 		struct tevent_context *ev = tu_context(NULL, specs[i]);
 		struct evproxy *p = proxy_new(ev, ev, 0, 4);
@@ -1757,7 +1728,7 @@ static void test_batch_yield(void **state)
 		evproxy_sender_unref(s);
 		talloc_free(ev);
 	}
-	checks_assert();
+	tu_checks_assert();
 }
 
 /* ------------------------------------------------------------------ */
@@ -1790,7 +1761,7 @@ static void test_kernel_wakeups(void **state)
 	pthread_t t;
 	unsigned batch;
 
-	checks_reset();
+	tu_checks_reset();
 
 	/* a spinning destination: no eventfd write per message */
 	ev = tu_context(NULL, "evpoll-always");
@@ -1860,7 +1831,7 @@ static void test_kernel_wakeups(void **state)
 	assert_true(stats.kernel_wakeups <= 1 + 1000 / 128 + 1);
 	evproxy_sender_unref(w.s);
 	talloc_free(ev);
-	checks_assert();
+	tu_checks_assert();
 }
 
 /* ------------------------------------------------------------------ */
@@ -1905,14 +1876,14 @@ static void rr_serve(struct tevent_context *ev, void *msg,
 		srv->stop = true;
 		return;
 	}
-	CHECK(m->mode == MODE_REQUEST);
-	CHECK(m->seq == srv->served);
+	TU_CHECK(m->mode == MODE_REQUEST);
+	TU_CHECK(m->seq == srv->served);
 	srv->served++;
 	/* answer with the request itself: make it top-level again */
 	m->mode = MODE_REPLY;
 	talloc_steal(NULL, m);
 	ret = evproxy_send(srv->reply_to, rr_reply, srv->client, &m);
-	CHECK(ret == 0);
+	TU_CHECK(ret == 0);
 	if (ret != 0) {
 		talloc_free(m);
 	}
@@ -1922,13 +1893,13 @@ static void rr_send_request(struct rr_client *c)
 {
 	struct tmsg *m = tmsg_new_child(0, c->sent);
 
-	CHECK(m != NULL);
+	TU_CHECK(m != NULL);
 	if (m == NULL) {
 		return;
 	}
 	m->mode = MODE_REQUEST;
-	CHECK(evproxy_send(c->server, rr_serve, c->srv, &m) == 0);
-	CHECK(m == NULL);
+	TU_CHECK(evproxy_send(c->server, rr_serve, c->srv, &m) == 0);
+	TU_CHECK(m == NULL);
 	c->sent++;
 }
 
@@ -1941,10 +1912,10 @@ static void rr_reply(struct tevent_context *ev, void *msg,
 	if (m == NULL) {
 		return;
 	}
-	CHECK(m->mode == MODE_REPLY);
-	CHECK(tmsg_child_ok(m));
+	TU_CHECK(m->mode == MODE_REPLY);
+	TU_CHECK(tmsg_child_ok(m));
 	/* all replies in order */
-	CHECK(m->seq == c->next_reply);
+	TU_CHECK(m->seq == c->next_reply);
 	c->next_reply = m->seq + 1;
 	if (c->sent < c->total) {
 		rr_send_request(c);
@@ -1962,14 +1933,14 @@ static void *rr_server_main(void *arg)
 	struct evproxy *p = ev != NULL ?
 			    evproxy_create(ev, ev, NULL) : NULL;
 
-	CHECK(p != NULL);
+	TU_CHECK(p != NULL);
 	pthread_mutex_lock(&srv->lock);
 	srv->s = evproxy_sender(p);
 	srv->ready = true;
 	pthread_cond_broadcast(&srv->cond);
 	pthread_mutex_unlock(&srv->lock);
 	if (p != NULL) {
-		CHECK(thread_loop_until(ev, &srv->stop, LONG_MS));
+		TU_CHECK(thread_loop_until(ev, &srv->stop, LONG_MS));
 	}
 	talloc_free(mem);
 	evproxy_sender_unref(srv->reply_to);
@@ -2030,7 +2001,7 @@ static void run_request_reply(const char *spec, unsigned window,
 
 static void test_request_reply(void **state)
 {
-	checks_reset();
+	tu_checks_reset();
 	run_request_reply("epoll", 1, tu_scale(10000));
 	/*
 	 * Two spinning loops on a loaded 2-core machine take turns with
@@ -2039,7 +2010,7 @@ static void test_request_reply(void **state)
 	run_request_reply("evpoll-auto", 1, tu_scale(1000));
 	run_request_reply("epoll", 64, tu_scale(10000));
 	run_request_reply("evpoll-always", 64, tu_scale(2000));
-	checks_assert();
+	tu_checks_assert();
 }
 
 /* ------------------------------------------------------------------ */
@@ -2106,15 +2077,15 @@ static void tp_handler(struct tevent_context *ev, struct tevent_immediate *im,
 	struct tmsg *m = tmsg_get(private_data);
 	struct tp_dest *d;
 
-	CHECK(im != NULL);
+	TU_CHECK(im != NULL);
 	if (m == NULL) {
 		return;
 	}
 	d = m->dest;
-	CHECK(tmsg_child_ok(m));
+	TU_CHECK(tmsg_child_ok(m));
 	d->delivered++;
 	d->done = d->delivered >= d->expected;
-	CHECK(m->producer < d->nproducers);
+	TU_CHECK(m->producer < d->nproducers);
 	if (m->producer >= d->nproducers) {
 		return;
 	}
@@ -2145,14 +2116,14 @@ static void *tp_producer_main(void *arg)
 	TALLOC_CTX *local = talloc_new(NULL);
 	uint64_t seq;
 
-	CHECK(local != NULL);
+	TU_CHECK(local != NULL);
 	for (seq = 0; seq < pr->count; seq++) {
 		/* from the thread's own tree and from the NULL context */
 		TALLOC_CTX *parent = seq % 2 == 0 ? local : NULL;
 		struct tevent_immediate *im = tevent_create_immediate(parent);
 		struct tmsg *m = talloc_zero(parent, struct tmsg);
 
-		CHECK(im != NULL && m != NULL);
+		TU_CHECK(im != NULL && m != NULL);
 		m->magic = TMSG_MAGIC;
 		m->producer = pr->id;
 		m->seq = seq;
@@ -2161,11 +2132,11 @@ static void *tp_producer_main(void *arg)
 					   (unsigned)pr->id,
 					   (unsigned long long)seq);
 		pr->ops->schedule(pr->tp, &im, tp_handler, &m);
-		CHECK(im == NULL);
-		CHECK(m == NULL);
+		TU_CHECK(im == NULL);
+		TU_CHECK(m == NULL);
 	}
 	/* both moved out of the thread's tree */
-	CHECK(talloc_total_blocks(local) == 1);
+	TU_CHECK(talloc_total_blocks(local) == 1);
 	talloc_free(local);
 	return NULL;
 }
@@ -2221,7 +2192,7 @@ static void run_thread_proxy(const struct tp_ops *ops, const char *spec,
 	/* kept ones (and their children) outlived their handlers */
 	assert_int_equal(talloc_total_blocks(d.keep), 1 + 2 * d.kept);
 	talloc_free(mem);
-	checks_assert();
+	tu_checks_assert();
 }
 
 static bool tp_null_done;
@@ -2229,8 +2200,8 @@ static bool tp_null_done;
 static void tp_null_private(struct tevent_context *ev,
 			    struct tevent_immediate *im, void *private_data)
 {
-	CHECK(im != NULL);
-	CHECK(private_data == NULL);
+	TU_CHECK(im != NULL);
+	TU_CHECK(private_data == NULL);
 	tp_null_done = true;
 }
 
@@ -2241,7 +2212,7 @@ static void test_thread_proxy(void **state)
 	struct evproxy_thread_proxy *tp;
 	struct tevent_immediate *im;
 
-	checks_reset();
+	tu_checks_reset();
 	run_thread_proxy(&evproxy_tp_ops, "epoll", 4, n);
 	run_thread_proxy(&evproxy_tp_ops, "evpoll-auto", 4, n);
 	run_thread_proxy(&evproxy_tp_ops, "evpoll-always", 2, n);
@@ -2269,7 +2240,7 @@ static void test_thread_proxy(void **state)
 	talloc_free(im);
 	/* the proxy is a child of the context: freed with it */
 	talloc_free(ev);
-	checks_assert();
+	tu_checks_assert();
 }
 
 /* ------------------------------------------------------------------ */
@@ -2341,14 +2312,14 @@ static void free_handler(struct tevent_context *ev, void *msg,
 	struct free_state *fs = private_data;
 	struct tmsg *m = tmsg_get(msg);
 
-	CHECK(!fs->freed);
-	CHECK(m != NULL && tmsg_child_ok(m));
+	TU_CHECK(!fs->freed);
+	TU_CHECK(m != NULL && tmsg_child_ok(m));
 	fs->calls++;
 	if (fs->calls == fs->free_at) {
 		/* the message itself is still ours until we return */
 		TALLOC_FREE(fs->p);
 		fs->freed = true;
-		CHECK(m != NULL && tmsg_child_ok(m));
+		TU_CHECK(m != NULL && tmsg_child_ok(m));
 	}
 }
 
@@ -2356,7 +2327,7 @@ static void test_free_from_handler(void **state)
 {
 	unsigned i, k;
 
-	checks_reset();
+	tu_checks_reset();
 	for (i = 0; tu_all_backends[i] != NULL; i++) {
 		unsigned batch;
 
@@ -2387,7 +2358,7 @@ static void test_free_from_handler(void **state)
 			talloc_free(ev);
 		}
 	}
-	checks_assert();
+	tu_checks_assert();
 }
 
 /* A handler runs a nested loop, which delivers the next messages. */
@@ -2425,7 +2396,7 @@ static void *nest_late_thread(void *arg)
 	for (k = 1; k < ns->total; k++) {
 		struct tmsg *m = tmsg_new_child(0, k);
 
-		CHECK(evproxy_send(ns->s, nest_handler, ns, &m) == 0);
+		TU_CHECK(evproxy_send(ns->s, nest_handler, ns, &m) == 0);
 	}
 	return NULL;
 }
@@ -2438,8 +2409,8 @@ static void nest_handler(struct tevent_context *ev, void *msg,
 	struct tevent_timer *te;
 	pthread_t t;
 
-	CHECK(!ns->freed);
-	CHECK(m != NULL && m->seq == ns->delivered);
+	TU_CHECK(!ns->freed);
+	TU_CHECK(m != NULL && m->seq == ns->delivered);
 	ns->delivered++;
 	if (ns->depth > 0) {
 		ns->nested_deliveries++;
@@ -2455,28 +2426,28 @@ static void nest_handler(struct tevent_context *ev, void *msg,
 
 	/* the first handler waits in a nested loop for the others */
 	if (ns->mode == NEST_LATE) {
-		CHECK(pthread_create(&t, NULL, nest_late_thread, ns) == 0);
+		TU_CHECK(pthread_create(&t, NULL, nest_late_thread, ns) == 0);
 	}
 	te = tevent_add_timer(ev, NULL, tevent_timeval_current_ofs(0, 250000),
 			      set_flag, &ns->timed_out);
 	ns->depth++;
 	while (!ns->done && !ns->timed_out) {
 		if (tevent_loop_once(ev) != 0) {
-			CHECK(false);
+			TU_CHECK(false);
 			break;
 		}
 	}
 	ns->depth--;
-	CHECK(!ns->timed_out);
+	TU_CHECK(!ns->timed_out);
 	if (!ns->timed_out) {
 		/* a timer that fired is gone already */
 		talloc_free(te);
 	}
 	if (ns->mode == NEST_LATE) {
-		CHECK(pthread_join(t, NULL) == 0);
+		TU_CHECK(pthread_join(t, NULL) == 0);
 	}
 	/* still ours after the nested deliveries */
-	CHECK(tmsg_child_ok(m));
+	TU_CHECK(tmsg_child_ok(m));
 }
 
 static void allow_nesting(struct tevent_context *ev)
@@ -2491,7 +2462,7 @@ static void test_nested_loop(void **state)
 {
 	unsigned i, k, mode;
 
-	checks_reset();
+	tu_checks_reset();
 	for (i = 0; tu_all_backends[i] != NULL; i++) {
 		for (mode = NEST_QUEUED; mode <= NEST_LATE; mode++) {
 			struct tevent_context *ev =
@@ -2499,7 +2470,7 @@ static void test_nested_loop(void **state)
 			struct nest_state ns = {
 				.ev = ev, .total = 5, .mode = mode,
 			};
-			unsigned before = atomic_load(&check_failures);
+			unsigned before = tu_check_failures();
 			unsigned nqueued = mode == NEST_LATE ? 1 : ns.total;
 
 			allow_nesting(ev);
@@ -2515,13 +2486,13 @@ static void test_nested_loop(void **state)
 			loop_until(ev, &ns.done, LONG_MS);
 			loop_for(ev, 5);
 			if (mode == NEST_FREE) {
-				CHECK(ns.delivered == 3);
-				CHECK(ns.nested_deliveries == 2);
+				TU_CHECK(ns.delivered == 3);
+				TU_CHECK(ns.nested_deliveries == 2);
 			} else {
-				CHECK(ns.delivered == ns.total);
-				CHECK(ns.nested_deliveries == ns.total - 1);
+				TU_CHECK(ns.delivered == ns.total);
+				TU_CHECK(ns.nested_deliveries == ns.total - 1);
 			}
-			if (atomic_load(&check_failures) != before) {
+			if (tu_check_failures() != before) {
 				print_message("    nested loop on %s (%s): "
 					      "%u delivered, %u of them in "
 					      "the nested loop\n",
@@ -2535,7 +2506,7 @@ static void test_nested_loop(void **state)
 			talloc_free(ev);
 		}
 	}
-	checks_assert();
+	tu_checks_assert();
 }
 
 int main(int argc, char **argv)

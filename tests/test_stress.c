@@ -65,35 +65,6 @@
 /* a hang (lost wake-up) ends the program with a message */
 #define WATCHDOG_SECONDS 840
 
-/* ------------------------------------------------------------------ */
-/* Checks off the cmocka thread */
-
-static atomic_uint check_failures;
-
-static void check_failed(const char *file, int line, const char *expr)
-{
-	unsigned n = atomic_fetch_add(&check_failures, 1);
-
-	if (n < 20) {
-		fprintf(stderr, "%s:%d: check failed: %s\n", file, line, expr);
-	}
-}
-
-#define CHECK(cond) do { \
-	if (!(cond)) { \
-		check_failed(__FILE__, __LINE__, #cond); \
-	} \
-} while (0)
-
-static void checks_reset(void)
-{
-	atomic_store(&check_failures, 0);
-}
-
-static void checks_assert(void)
-{
-	assert_int_equal(atomic_load(&check_failures), 0);
-}
 
 #define CHECK_U64(a, b) \
 	check_u64((uint64_t)(a), (uint64_t)(b), #a, #b, __FILE__, __LINE__)
@@ -129,7 +100,7 @@ static int setup(void **state)
 	sa.sa_handler = watchdog_fired;
 	sigaction(SIGALRM, &sa, NULL);
 	alarm(WATCHDOG_SECONDS);
-	checks_reset();
+	tu_checks_reset();
 	return 0;
 }
 
@@ -314,7 +285,7 @@ static void *consumer_thread(void *arg)
 			atomic_store(&c->paused, false);
 		}
 		if (tevent_loop_once(ev) != 0) {
-			CHECK(!"tevent_loop_once failed");
+			TU_CHECK(!"tevent_loop_once failed");
 			break;
 		}
 	}
@@ -326,11 +297,11 @@ static void *consumer_thread(void *arg)
 	while (!atomic_load(&c->producers_done)) {
 		sched_yield();
 	}
-	CHECK(run_for(ev, 2) == 0);
+	TU_CHECK(run_for(ev, 2) == 0);
 	c->after_delivered = c->delivered;
 	c->after_rings = c->rings;
-	CHECK(evproxy_get_stats(p, &c->pstats) == 0);
-	CHECK(evproxy_doorbell_get_stats(db, &c->dstats) == 0);
+	TU_CHECK(evproxy_get_stats(p, &c->pstats) == 0);
+	TU_CHECK(evproxy_doorbell_get_stats(db, &c->dstats) == 0);
 	talloc_free(ev);
 	return NULL;
 }
@@ -394,21 +365,21 @@ static void *producer_thread(void *arg)
 		int ret;
 
 		if (m == NULL) {
-			CHECK(!"no memory for a message");
+			TU_CHECK(!"no memory for a message");
 			break;
 		}
 		ret = evproxy_send(c->s, consumer_msg, c, &m);
-		CHECK(ret == 0);
+		TU_CHECK(ret == 0);
 		if (ret != 0) {
 			talloc_free(m);
 			break;
 		}
-		CHECK(m == NULL);
+		TU_CHECK(m == NULL);
 		pr->sent[d]++;
 		/* the ring goes the other way, so each loop gets both */
 		d = (d + 1) % NCONSUMERS;
 		ret = evproxy_ringer_ring(pr->cons[d].r);
-		CHECK(ret == 0);
+		TU_CHECK(ret == 0);
 		if (ret != 0) {
 			break;
 		}
@@ -459,7 +430,7 @@ static void stress_backend(const char *spec, uint64_t n)
 		evproxy_sender_unref(cons[d].s);
 		evproxy_ringer_unref(cons[d].r);
 	}
-	checks_assert();
+	tu_checks_assert();
 
 	for (d = 0; d < NCONSUMERS; d++) {
 		struct consumer *c = &cons[d];
@@ -961,7 +932,7 @@ static void test_lifetime(void **state)
 		      " rings delivered; %.0f ms\n", rounds, tot_lossy,
 		      tot_sent, tot_delivered, tot_discarded, tot_rung,
 		      tot_rings, (tu_now_ns() - t0) / 1e6);
-	checks_assert();
+	tu_checks_assert();
 }
 
 /* ------------------------------------------------------------------ */
@@ -981,7 +952,7 @@ static struct {
 static void never_msg(struct tevent_context *ev, void *msg,
 		      void *private_data)
 {
-	CHECK(!"a message handler ran for a dead evproxy");
+	TU_CHECK(!"a message handler ran for a dead evproxy");
 }
 
 /* Child: the inherited objects are dead here. 0 or an exit code. */
@@ -1195,7 +1166,7 @@ static void test_fork(void **state)
 			if (code == 0) {
 				code = child_own_loops(*spec, n);
 			}
-			if (code == 0 && atomic_load(&check_failures) != 0) {
+			if (code == 0 && tu_check_failures() != 0) {
 				code = 50;
 			}
 			_exit(code);
@@ -1214,7 +1185,7 @@ static void test_fork(void **state)
 			fail_msg("[%s] the child failed (status 0x%x)", *spec,
 				 status);
 		}
-		checks_assert();
+		tu_checks_assert();
 		CHECK_U64(c.bad, 0);
 		CHECK_U64(c.out_of_order, 0);
 		CHECK_U64(c.delivered, msgs);

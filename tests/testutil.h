@@ -42,6 +42,23 @@ void tu_loop_until(struct tevent_context *ev, const bool *done,
  */
 uint64_t tu_scale(uint64_t n);
 
+/*
+ * Checks usable off the cmocka thread (cmocka's asserts are not
+ * thread-safe): TU_CHECK records and prints a failure, tu_checks_assert()
+ * fails the test on the cmocka thread if any check failed since
+ * tu_checks_reset().
+ */
+#define TU_CHECK(cond) do {						\
+	if (!(cond)) {							\
+		tu_check_failed(__FILE__, __LINE__, #cond);		\
+	}								\
+} while (0)
+
+void tu_check_failed(const char *file, int line, const char *expr);
+void tu_checks_reset(void);
+void tu_checks_assert(void);
+unsigned tu_check_failures(void);
+
 /* Debug messages tevent reported for a context, collected by tu_capture. */
 struct tu_debug_log {
 	char text[4096];

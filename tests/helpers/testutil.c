@@ -4,6 +4,7 @@
 #include <errno.h>
 #include <setjmp.h>
 #include <stdarg.h>
+#include <stdatomic.h>
 #include <stddef.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -109,4 +110,30 @@ void tu_capture_debug(struct tevent_context *ev, struct tu_debug_log *log)
 {
 	memset(log, 0, sizeof(*log));
 	tevent_set_debug(ev, capture, log);
+}
+
+static atomic_uint check_failures;
+
+void tu_check_failed(const char *file, int line, const char *expr)
+{
+	unsigned n = atomic_fetch_add(&check_failures, 1);
+
+	if (n < 20) {
+		fprintf(stderr, "%s:%d: check failed: %s\n", file, line, expr);
+	}
+}
+
+void tu_checks_reset(void)
+{
+	atomic_store(&check_failures, 0);
+}
+
+void tu_checks_assert(void)
+{
+	assert_int_equal(atomic_load(&check_failures), 0);
+}
+
+unsigned tu_check_failures(void)
+{
+	return atomic_load(&check_failures);
 }

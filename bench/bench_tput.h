@@ -11,6 +11,16 @@
 
 #define TPUT_MAX_PRODUCERS 8
 
+/*
+ * The payload of a benchmark message. Small on purpose: with glibc, a
+ * talloc chunk of up to 24 bytes (120 with talloc's header) comes from the
+ * fastbins, which a free on another thread returns to without the arena
+ * lock; larger chunks take the arena lock on every cross-thread free and
+ * the allocator floor drops to about a third (see README). Every row that
+ * allocates messages uses this size, so their ratios compare transports.
+ */
+#define TPUT_MSG_SIZE 16
+
 struct tput;
 
 /* One mechanism: callbacks run on the consumer or producer threads. */

@@ -2,7 +2,7 @@
  * evproxy-bench: how evproxy compares with tevent's own cross-thread
  * mechanisms and with the hardware floor, measured in one run.
  *
- *   evproxy-bench [--quick|--full|--tiny] [--json] [--pin]
+ *   evproxy-bench [--quick|--full|--tiny] [--json] [--pin] [--only G,...]
  */
 #include <math.h>
 #include <stdio.h>
@@ -217,15 +217,41 @@ static void print_table(void)
 	       "/ baseline (higher is better).\n");
 }
 
+/* --only: a comma-separated list of groups, NULL for all */
+static const char *only;
+
+static bool group_wanted(const char *group)
+{
+	size_t len = strlen(group);
+	const char *p = only;
+
+	if (only == NULL) {
+		return true;
+	}
+	while (p != NULL && *p != '\0') {
+		if (strncmp(p, group, len) == 0 &&
+		    (p[len] == ',' || p[len] == '\0')) {
+			return true;
+		}
+		p = strchr(p, ',');
+		if (p != NULL) {
+			p++;
+		}
+	}
+	return false;
+}
+
 static void usage(FILE *f)
 {
 	fprintf(f, "usage: evproxy-bench [--quick|--full|--tiny] [--json] "
-		"[--pin]\n"
+		"[--pin] [--only G,...]\n"
 		"  --quick  about 30 s in all (what 'make bench' runs)\n"
 		"  --full   longer runs, for quoted figures (default)\n"
 		"  --tiny   only checks that every scenario runs\n"
 		"  --json   print JSON on standard output instead of a table\n"
-		"  --pin    pin the two threads of each scenario to CPUs\n");
+		"  --pin    pin the two threads of each scenario to CPUs\n"
+		"  --only   run only these groups: rtt, tput, misc, pool, "
+		"uring\n");
 }
 
 int main(int argc, char **argv)
@@ -244,6 +270,8 @@ int main(int argc, char **argv)
 			bench_opt.size = BENCH_FULL;
 		} else if (strcmp(argv[i], "--tiny") == 0) {
 			bench_opt.size = BENCH_TINY;
+		} else if (strcmp(argv[i], "--only") == 0 && i + 1 < argc) {
+			only = argv[++i];
 		} else if (strcmp(argv[i], "--help") == 0) {
 			usage(stdout);
 			return 0;
@@ -268,12 +296,22 @@ int main(int argc, char **argv)
 		       bench_opt.pin ? ", pinned" : "");
 		fflush(stdout);
 	}
-	bench_rtt();
-	bench_tput();
-	bench_misc();
-	bench_pool();
+	if (group_wanted("rtt")) {
+		bench_rtt();
+	}
+	if (group_wanted("tput")) {
+		bench_tput();
+	}
+	if (group_wanted("misc")) {
+		bench_misc();
+	}
+	if (group_wanted("pool")) {
+		bench_pool();
+	}
 #ifdef BENCH_URING
-	bench_uring();
+	if (group_wanted("uring")) {
+		bench_uring();
+	}
 #endif
 	compute_ratios();
 	if (bench_opt.json) {

@@ -15,7 +15,6 @@
 #include "bench.h"
 #include "bench_tput.h"
 
-#define MSG_SIZE 64
 
 uint64_t tput_count(void)
 {
@@ -156,7 +155,7 @@ static void floor_produce(struct tput *t, unsigned idx)
 	uint64_t i;
 
 	for (i = 0; i < t->per_producer; i++) {
-		void *msg = talloc_size(NULL, MSG_SIZE);
+		void *msg = talloc_size(NULL, TPUT_MSG_SIZE);
 
 		while (head - tail_seen == RING_SIZE) {
 			tail_seen = atomic_load_explicit(&ring.tail,
@@ -241,7 +240,7 @@ static void thr_produce(struct tput *t, unsigned idx)
 
 	for (i = 0; i < t->per_producer; i++) {
 		struct tevent_immediate *im = tevent_create_immediate(NULL);
-		struct tput **msg = talloc_size(NULL, MSG_SIZE);
+		struct tput **msg = talloc_size(NULL, TPUT_MSG_SIZE);
 
 		*msg = t;
 		tevent_threaded_schedule_immediate(t->tctx, im,
@@ -317,7 +316,7 @@ static void proxy_produce(struct tput *t, unsigned idx)
 
 	for (i = 0; i < t->per_producer; i++) {
 		struct tevent_immediate *im = tevent_create_immediate(NULL);
-		struct tput **msg = talloc_size(NULL, MSG_SIZE);
+		struct tput **msg = talloc_size(NULL, TPUT_MSG_SIZE);
 
 		*msg = t;
 		tevent_thread_proxy_schedule(t->tp, &im, proxy_handler, &msg);

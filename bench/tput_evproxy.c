@@ -11,7 +11,6 @@
 #include "evpoll.h"
 #include "evproxy.h"
 
-#define MSG_SIZE 64
 #define PREALLOC_CAPACITY 65536
 
 struct evx {
@@ -86,7 +85,7 @@ static void evx_produce(struct tput *t, unsigned idx)
 	uint64_t i;
 
 	for (i = 0; i < t->per_producer; i++) {
-		void *msg = talloc_size(NULL, MSG_SIZE);
+		void *msg = talloc_size(NULL, TPUT_MSG_SIZE);
 
 		send_or_die(x->s, count_handler, t, &msg);
 	}
@@ -120,7 +119,7 @@ static void evx_pre_prepare(struct tput *t)
 		abort();
 	}
 	for (i = 0; i < t->n; i++) {
-		t->pre[i] = talloc_size(NULL, MSG_SIZE);
+		t->pre[i] = talloc_size(NULL, TPUT_MSG_SIZE);
 	}
 }
 
@@ -187,7 +186,7 @@ static void dropin_produce(struct tput *t, unsigned idx)
 
 	for (i = 0; i < t->per_producer; i++) {
 		struct tevent_immediate *im = tevent_create_immediate(NULL);
-		struct tput **msg = talloc_size(NULL, MSG_SIZE);
+		struct tput **msg = talloc_size(NULL, TPUT_MSG_SIZE);
 
 		*msg = t;
 		evproxy_thread_proxy_schedule(t->mech, &im, dropin_handler,

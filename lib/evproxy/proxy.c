@@ -9,7 +9,6 @@
  * write to a line the destination writes.
  */
 #include <errno.h>
-#include <sched.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -55,25 +54,17 @@ int evproxy_push(struct evproxy_sender *s, const struct evq_item *item)
 		/* inherited across fork(): the destination is not here */
 		return ECANCELED;
 	}
-	/* seq_cst RMW then seq_cst load: pairs with the destructor */
-	atomic_fetch_add_explicit(&s->inflight, 1, memory_order_seq_cst);
-	if (atomic_load_explicit(&s->dead, memory_order_seq_cst)) {
-		ret = ECANCELED;
-		goto out;
-	}
 	ret = evq_push(&s->q, item);
 	if (ret != 0) {
-		goto out;
+		return ret;
 	}
-	/* seq_cst publish (in evq_push), then seq_cst load: see 'idle' */
-	if (atomic_load_explicit(&s->idle, memory_order_seq_cst) &&
-	    atomic_exchange_explicit(&s->idle, false, memory_order_seq_cst)) {
+	/* published, then the light barrier, then load: see 'idle' */
+	evproxy_light_barrier(s->asym);
+	if (atomic_load_explicit(&s->idle, memory_order_relaxed) &&
+	    atomic_exchange_explicit(&s->idle, false, memory_order_relaxed)) {
 		evproxy_ringer_ring(s->ringer);
 	}
-out:
-	/* release: our queue writes come before the destructor's drain */
-	atomic_fetch_sub_explicit(&s->inflight, 1, memory_order_release);
-	return ret;
+	return 0;
 }
 
 /*
@@ -82,8 +73,9 @@ out:
  */
 static bool go_idle(struct evproxy_sender *s)
 {
-	/* seq_cst store, then seq_cst loads in evq_ready: see 'idle' */
-	atomic_store_explicit(&s->idle, true, memory_order_seq_cst);
+	/* store, heavy barrier, then the loads in evq_ready: see 'idle' */
+	atomic_store_explicit(&s->idle, true, memory_order_relaxed);
+	evproxy_heavy_barrier(s->asym);
 	if (!evq_ready(&s->q)) {
 		return false;
 	}
@@ -271,13 +263,9 @@ static void evproxy_shutdown(struct evproxy *p)
 		return;
 	}
 	p->shut = true;
-	/* see 'dead' in proxy_internal.h */
-	atomic_store_explicit(&s->dead, true, memory_order_seq_cst);
-	while (atomic_load_explicit(&s->inflight, memory_order_acquire) !=
-	       0) {
-		sched_yield();
-	}
-	while (evq_pop(&s->q, &item)) {
+	/* later sends fail; what was claimed before is drained here */
+	evq_kill(&s->q);
+	while (evq_pop_final(&s->q, &item)) {
 		evproxy_item_free(s->kind, &item);
 		atomic_fetch_add_explicit(&s->discarded, 1,
 					  memory_order_relaxed);
@@ -329,8 +317,7 @@ static struct evproxy_sender *core_new(const struct evproxy_config *cfg,
 	evproxy_pid_init();
 	s->pid = evproxy_pid();
 	atomic_init(&s->refs, 1);
-	atomic_init(&s->dead, false);
-	atomic_init(&s->inflight, 0);
+	s->asym = evproxy_asym_init();
 	atomic_init(&s->idle, true);
 	atomic_init(&s->nwaiters, 0);
 	atomic_init(&s->discarded, 0);

@@ -7,6 +7,7 @@
 #include <stdalign.h>
 #include <stdatomic.h>
 
+#include "asym.h"
 #include "evproxy.h"
 #include "queue.h"
 #include "visibility.h"
@@ -39,36 +40,32 @@ struct evproxy_sender {
 	/* wakes the destination's loop; its doorbell lives there */
 	struct evproxy_ringer *ringer;
 
+	/* evproxy_asym_init() at creation: which barriers the handshakes use */
+	bool asym;
+
 	/*
-	 * Destination gone. Stored (seq_cst) by the destination, then it
-	 * waits for 'inflight' to drop to 0; a sender increments 'inflight'
-	 * (seq_cst) BEFORE loading 'dead' (seq_cst). So either the
-	 * destination waits for the send to finish and then drains the
-	 * message, or the sender sees 'dead' and returns ECANCELED: a message
-	 * is never queued after the final drain.
+	 * The destination is gone: evq_kill() on the queue (see queue.h),
+	 * after which every push fails with ECANCELED and the destination's
+	 * final drain (evq_pop_final) takes every message that was queued.
 	 */
-	alignas(64) atomic_bool dead;
-	atomic_uint inflight;
 
 	/*
 	 * True while the destination may not look at the queue without a
-	 * wake-up. The destination stores true (seq_cst), then checks the
-	 * queue (seq_cst loads of the slot, evq_ready); a sender publishes
-	 * its message (seq_cst store of the slot, evq_push), then loads
-	 * 'idle' (seq_cst). In the single order of seq_cst operations one
-	 * side sees the other's store; the sender that exchanges 'idle' from
-	 * true to false rings the doorbell.
+	 * wake-up: Dekker's handshake, see asym.h. The destination stores
+	 * true, evproxy_heavy_barrier(), then checks the queue (evq_ready); a
+	 * sender publishes its message (evq_push), evproxy_light_barrier(),
+	 * then loads 'idle'. At least one side sees the other's store; the
+	 * sender that exchanges 'idle' from true to false rings the doorbell.
 	 */
 	alignas(64) atomic_bool idle;
 
 	/*
-	 * Senders waiting for space (bounded queues). A waiter registers
-	 * (nwaiters++, a seq_cst RMW, under the lock) and then retries; the
-	 * consumer frees slots (release stores) and then reads nwaiters with
-	 * a seq_cst RMW (fetch_add 0). The two RMWs on nwaiters are ordered:
-	 * if the waiter's comes first the consumer reads it and rings; if
-	 * the consumer's comes first it synchronises with the waiter's, so
-	 * the retry sees the freed slots.
+	 * Senders waiting for space (bounded queues): Dekker's handshake
+	 * again, with the waiter as the slow side. A waiter registers
+	 * (nwaiters++ under the lock), evproxy_heavy_barrier(), then
+	 * retries; the consumer frees slots (release stores),
+	 * evproxy_light_barrier(), then loads nwaiters. Either the consumer
+	 * sees the waiter and rings it, or the retry sees the freed slots.
 	 */
 	alignas(64) atomic_uint nwaiters;
 	pthread_mutex_t wait_lock;

@@ -2,12 +2,15 @@
  * evq: see queue.h for the design and the memory-ordering pairs.
  */
 #include <errno.h>
+#include <sched.h>
 #include <stdlib.h>
 #include <string.h>
 
 #include "queue.h"
 
 #define EVQ_SEALED (1ULL << 63)
+#define EVQ_DEAD (1ULL << 62)
+#define EVQ_POS(tail) ((tail) & ~(EVQ_SEALED | EVQ_DEAD))
 
 /*
  * Slot sequence values: FREE_FOR(p) when position p may be written,
@@ -90,17 +93,26 @@ void evq_destroy(struct evq *q)
 	q->retired = NULL;
 }
 
-/* Link a ring twice the size after 'full' and seal 'full'. */
-static struct evq_ring *grow(struct evq *q, struct evq_ring *full)
+/*
+ * Link a ring twice the size after 'full' and seal 'full'. NULL with *err
+ * ENOMEM, or ECANCELED once the queue is killed.
+ */
+static struct evq_ring *grow(struct evq *q, struct evq_ring *full, int *err)
 {
 	struct evq_ring *next;
 
 	pthread_mutex_lock(&q->grow_lock);
 	next = atomic_load_explicit(&full->next, memory_order_acquire);
 	if (next == NULL) {
+		if (q->killed) {
+			pthread_mutex_unlock(&q->grow_lock);
+			*err = ECANCELED;
+			return NULL;
+		}
 		next = ring_new(full->size * 2);
 		if (next == NULL) {
 			pthread_mutex_unlock(&q->grow_lock);
+			*err = ENOMEM;
 			return NULL;
 		}
 		/* release: the new ring's contents before its address */
@@ -128,7 +140,11 @@ int evq_push(struct evq *q, const struct evq_item *item)
 		struct evq_slot *s;
 		uint_fast64_t seq;
 		int64_t diff;
+		int err;
 
+		if (pos & EVQ_DEAD) {
+			return ECANCELED;
+		}
 		if (pos & EVQ_SEALED) {
 			r = atomic_load_explicit(&r->next,
 						 memory_order_acquire);
@@ -148,14 +164,9 @@ int evq_push(struct evq *q, const struct evq_item *item)
 				s->msg = item->msg;
 				s->fn = item->fn;
 				s->private_data = item->private_data;
-				/*
-				 * seq_cst (release is enough for the
-				 * contents): the publish is the producer's
-				 * half of the 'idle' handshake, see
-				 * proxy_internal.h
-				 */
+				/* release: pairs with the consumer's acquire */
 				atomic_store_explicit(&s->seq, PUBLISHED(pos),
-						      memory_order_seq_cst);
+						      memory_order_release);
 				return 0;
 			}
 			/* pos now holds the current tail */
@@ -164,11 +175,13 @@ int evq_push(struct evq *q, const struct evq_item *item)
 		if (diff < 0) {
 			/* the slot still holds an unconsumed item: full */
 			if (q->bounded) {
-				return EAGAIN;
+				pos = atomic_load_explicit(&r->tail,
+							   memory_order_acquire);
+				return (pos & EVQ_DEAD) ? ECANCELED : EAGAIN;
 			}
-			r = grow(q, r);
+			r = grow(q, r, &err);
 			if (r == NULL) {
-				return ENOMEM;
+				return err;
 			}
 			pos = atomic_load_explicit(&r->tail,
 						   memory_order_acquire);
@@ -189,7 +202,7 @@ static struct evq_ring *consumer_ring(struct evq *q)
 							  memory_order_acquire);
 		struct evq_ring *next;
 
-		if (!(tail & EVQ_SEALED) || r->head < (tail & ~EVQ_SEALED)) {
+		if (!(tail & EVQ_SEALED) || r->head < EVQ_POS(tail)) {
 			return r;
 		}
 		next = atomic_load_explicit(&r->next, memory_order_acquire);
@@ -201,8 +214,9 @@ static struct evq_ring *consumer_ring(struct evq *q)
 }
 
 /*
- * seq_cst loads: the consumer's half of the 'idle' handshake (see
- * proxy_internal.h); on x86 they cost what acquire loads cost.
+ * seq_cst loads: they follow the consumer's barrier in the 'idle'
+ * handshake (see proxy_internal.h); on x86 they cost what acquire loads
+ * cost.
  */
 bool evq_ready(struct evq *q)
 {
@@ -244,4 +258,40 @@ bool evq_pop(struct evq *q, struct evq_item *item)
 			      memory_order_release);
 	r->head = pos + 1;
 	return true;
+}
+
+void evq_kill(struct evq *q)
+{
+	struct evq_ring *r;
+
+	pthread_mutex_lock(&q->grow_lock);
+	q->killed = true;
+	/* the newest ring: 'cur' only moves under grow_lock */
+	r = atomic_load_explicit(&q->cur, memory_order_relaxed);
+	/*
+	 * An RMW on the tail: ordered with every producer's claiming CAS.
+	 * acq_rel: the claims before it are visible to the final drain.
+	 */
+	atomic_fetch_or_explicit(&r->tail, EVQ_DEAD, memory_order_acq_rel);
+	pthread_mutex_unlock(&q->grow_lock);
+}
+
+bool evq_pop_final(struct evq *q, struct evq_item *item)
+{
+	for (;;) {
+		struct evq_ring *r;
+		uint_fast64_t tail;
+
+		if (evq_pop(q, item)) {
+			return true;
+		}
+		r = consumer_ring(q);
+		tail = atomic_load_explicit(&r->tail, memory_order_acquire);
+		if (!(tail & EVQ_SEALED) && r->head == EVQ_POS(tail)) {
+			/* the killed ring, every claimed slot taken */
+			return false;
+		}
+		/* a producer is between its claim and its publish */
+		sched_yield();
+	}
 }

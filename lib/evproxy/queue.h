@@ -19,6 +19,17 @@
  * when the old one is sealed and drained to its final tail. Retired rings
  * are freed with the queue, since a slow producer may still be reading
  * one; with doubling they add up to less than the newest ring.
+ *
+ * Killing the queue (the destination is going away) sets another top bit,
+ * DEAD, on the newest ring's tail under the growth mutex, so no position
+ * can be claimed any more: a producer's CAS either came first, and then
+ * its position is below the final tail and the slot will be published
+ * (nothing blocks between claim and publish), or it fails and the producer
+ * sees DEAD and returns ECANCELED. The tail is the one point both sides
+ * serialise on, so teardown is exact without a per-send counter.
+ *
+ * Publishing is a release store; a caller that needs a store-load order
+ * after it (the idle handshake in proxy_internal.h) adds its own barrier.
  */
 #ifndef EVPROXY_QUEUE_H
 #define EVPROXY_QUEUE_H
@@ -57,6 +68,7 @@ struct evq {
 	alignas(64) _Atomic(struct evq_ring *) cur;
 	bool bounded;
 	pthread_mutex_t grow_lock;
+	bool killed;			/* under grow_lock */
 	struct evq_ring *first;		/* consumer: the ring it reads */
 	struct evq_ring *retired;	/* consumer: drained rings */
 };
@@ -71,10 +83,21 @@ struct evq_item {
 int evq_init(struct evq *q, uint64_t capacity);
 /* Frees the rings; items still queued are the caller's to drain first. */
 void evq_destroy(struct evq *q);
-/* Any thread. 0, EAGAIN (bounded and full) or ENOMEM (cannot grow). */
+/*
+ * Any thread. 0, EAGAIN (bounded and full), ECANCELED (killed) or ENOMEM
+ * (cannot grow).
+ */
 int evq_push(struct evq *q, const struct evq_item *item);
 /* Consumer only. True if an item was taken. */
 bool evq_pop(struct evq *q, struct evq_item *item);
+/* Consumer only, once: later pushes fail with ECANCELED. */
+void evq_kill(struct evq *q);
+/*
+ * Consumer only, after evq_kill: take the next item, waiting for a
+ * producer that claimed a slot but has not published it yet. False when
+ * every claimed slot was taken.
+ */
+bool evq_pop_final(struct evq *q, struct evq_item *item);
 /* Consumer only. True if the next item is published. */
 bool evq_ready(struct evq *q);
 

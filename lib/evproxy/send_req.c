@@ -42,9 +42,13 @@ void evproxy_wake_waiters(struct evproxy_sender *s)
 {
 	struct evproxy_waiter *w;
 
-	/* slots freed (release), then a seq_cst RMW: see nwaiters */
-	if (atomic_fetch_add_explicit(&s->nwaiters, 0, memory_order_seq_cst) ==
-	    0) {
+	if (!s->q.bounded) {
+		/* nobody waits for space in an unbounded queue */
+		return;
+	}
+	/* slots freed (release), light barrier, load: see nwaiters */
+	evproxy_light_barrier(s->asym);
+	if (atomic_load_explicit(&s->nwaiters, memory_order_relaxed) == 0) {
 		return;
 	}
 	pthread_mutex_lock(&s->wait_lock);
@@ -97,9 +101,10 @@ static int state_wait(struct send_state *st)
 	pthread_mutex_lock(&st->s->wait_lock);
 	EVLIST_APPEND(st->s->waiters, st->s->waiters_tail, w);
 	w->listed = true;
-	/* seq_cst RMW: pairs with the one in evproxy_wake_waiters */
-	atomic_fetch_add_explicit(&st->s->nwaiters, 1, memory_order_seq_cst);
+	atomic_fetch_add_explicit(&st->s->nwaiters, 1, memory_order_relaxed);
 	pthread_mutex_unlock(&st->s->wait_lock);
+	/* registered, heavy barrier, then the caller retries: see nwaiters */
+	evproxy_heavy_barrier(st->s->asym);
 	st->w = w;
 	return 0;
 }

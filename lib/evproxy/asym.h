@@ -1,0 +1,46 @@
+/*
+ * Asymmetric store-load barriers for the handshakes where one side runs
+ * per message (the sender) and the other rarely (a consumer about to
+ * sleep, a sender about to wait).
+ *
+ * The pattern is Dekker's: the fast side stores A then loads B, the slow
+ * side stores B then loads A, and at least one of them must see the other's
+ * store. Normally both sides need a full fence (an xchg or mfence on x86,
+ * which waits for the store buffer to drain: a cache miss per message when
+ * the store went to a line the consumer reads). With membarrier(2)
+ * PRIVATE_EXPEDITED the slow side forces a full barrier on every running
+ * thread of the process, so the fast side needs only a compiler barrier:
+ * a thread that was not running passed a context switch, which is a full
+ * barrier too.
+ *
+ *   fast side:  store A; evproxy_light_barrier(); load B
+ *   slow side:  store B; evproxy_heavy_barrier(); load A
+ *
+ * Where membarrier is missing (old kernels, seccomp filters, valgrind
+ * versions that do not know it) both sides fall back to seq_cst fences,
+ * which is the same guarantee at the fast side's old price. The choice is
+ * made once per process, before the first handshake starts.
+ */
+#ifndef EVPROXY_ASYM_H
+#define EVPROXY_ASYM_H
+
+#include <stdatomic.h>
+#include <stdbool.h>
+
+/* True if membarrier is in use; call before the first barrier (idempotent). */
+bool evproxy_asym_init(void);
+
+/* The fast side; 'asym' is what evproxy_asym_init() returned. */
+static inline void evproxy_light_barrier(bool asym)
+{
+	if (asym) {
+		atomic_signal_fence(memory_order_seq_cst);
+	} else {
+		atomic_thread_fence(memory_order_seq_cst);
+	}
+}
+
+/* The slow side: a system call when 'asym'. */
+void evproxy_heavy_barrier(bool asym);
+
+#endif

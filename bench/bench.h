@@ -12,6 +12,8 @@
 struct bench_opts {
 	bool json;
 	bool pin;
+	bool verbose;	/* every repetition on standard error */
+	const char *rows;	/* throughput rows whose name contains this */
 	enum { BENCH_TINY, BENCH_QUICK, BENCH_FULL } size;
 };
 extern struct bench_opts bench_opt;

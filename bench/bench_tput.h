@@ -4,6 +4,7 @@
 #ifndef EVPROXY_BENCH_TPUT_H
 #define EVPROXY_BENCH_TPUT_H
 
+#include <stdalign.h>
 #include <stdatomic.h>
 #include <stdint.h>
 #include <talloc.h>
@@ -42,23 +43,44 @@ struct tput {
 	atomic_bool go;		/* producers may start */
 	atomic_uint producers_done;	/* returned from their last send */
 	uint64_t start_ns, end_ns;
-	uint64_t received;	/* consumer thread only */
+	/*
+	 * consumer thread only, written per message: on a line of its own,
+	 * or every producer's read of the fields around it would miss
+	 */
+	alignas(64) uint64_t received;
 
 	/* mechanism state */
-	struct tevent_context *ev;
+	alignas(64) struct tevent_context *ev;
 	struct tevent_threaded_context *tctx;
 	struct tevent_thread_proxy *tp;
 	void **pre;		/* preallocated objects */
 	void *mech;		/* anything else */
 };
 
+/*
+ * One row of the throughput table. The rows of a group run interleaved:
+ * repetition 1 of every row, then repetition 2, ... so that a change of
+ * the machine's state (this VM's vCPUs move between host cores: the bare
+ * ring alone measures from 3 to 22 M msg/s depending on where they land)
+ * hits every row alike, and the ratios of medians stay meaningful.
+ */
+struct tput_row {
+	const char *name;
+	const struct tput_mech *m;
+	unsigned producers;
+	void *mech;		/* t->mech in every run */
+	const char *baseline;
+	const char *goal;
+	/* called after each run of this row, on the bench thread */
+	void (*after)(struct tput *t);
+};
+
+#define TPUT_MAX_ROWS 16
+
 uint64_t tput_count(void);
-double tput_median(const struct tput_mech *m, unsigned producers);
-/* the same, with t->mech set to 'mech' in every run */
-double tput_median_with(const struct tput_mech *m, unsigned producers,
-			void *mech);
-void bench_tput_evproxy(void);
-void tput_report(const char *name, double value, const char *baseline,
-		 const char *goal);
+/* The evproxy rows (tput_evproxy.c); returns how many were added. */
+unsigned tput_evproxy_rows(struct tput_row *rows);
+/* After the rows ran: results derived from them. */
+void tput_evproxy_report(void);
 
 #endif

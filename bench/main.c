@@ -244,14 +244,18 @@ static bool group_wanted(const char *group)
 static void usage(FILE *f)
 {
 	fprintf(f, "usage: evproxy-bench [--quick|--full|--tiny] [--json] "
-		"[--pin] [--only G,...]\n"
+		"[--pin] [--only G,...] [--verbose]\n"
+		"                     [--rows TEXT]\n"
 		"  --quick  about 30 s in all (what 'make bench' runs)\n"
 		"  --full   longer runs, for quoted figures (default)\n"
 		"  --tiny   only checks that every scenario runs\n"
 		"  --json   print JSON on standard output instead of a table\n"
 		"  --pin    pin the two threads of each scenario to CPUs\n"
 		"  --only   run only these groups: rtt, tput, misc, pool, "
-		"uring\n");
+		"uring\n"
+		"  --verbose  print every throughput repetition\n"
+		"  --rows   only the throughput rows whose name contains TEXT "
+		"(for profiling)\n");
 }
 
 int main(int argc, char **argv)
@@ -270,6 +274,10 @@ int main(int argc, char **argv)
 			bench_opt.size = BENCH_FULL;
 		} else if (strcmp(argv[i], "--tiny") == 0) {
 			bench_opt.size = BENCH_TINY;
+		} else if (strcmp(argv[i], "--rows") == 0 && i + 1 < argc) {
+			bench_opt.rows = argv[++i];
+		} else if (strcmp(argv[i], "--verbose") == 0) {
+			bench_opt.verbose = true;
 		} else if (strcmp(argv[i], "--only") == 0 && i + 1 < argc) {
 			only = argv[++i];
 		} else if (strcmp(argv[i], "--help") == 0) {

@@ -61,21 +61,21 @@ static void *producer_main(void *arg)
 	return NULL;
 }
 
-static double tput_once(const struct tput_mech *m, unsigned producers,
-			void *mech)
+static double tput_once(const struct tput_row *row)
 {
+	const struct tput_mech *m = row->m;
 	struct tput t = {
 		.m = m,
 		.n = tput_count(),
-		.producers = producers,
-		.mech = mech,
+		.producers = row->producers,
+		.mech = row->mech,
 	};
 	pthread_t c, p[TPUT_MAX_PRODUCERS];
 	struct producer_arg pa[TPUT_MAX_PRODUCERS];
 	unsigned i;
 
-	t.per_producer = t.n / producers;
-	t.n = t.per_producer * producers;
+	t.per_producer = t.n / t.producers;
+	t.n = t.per_producer * t.producers;
 	if (m->prepare != NULL) {
 		m->prepare(&t);
 	}
@@ -83,49 +83,62 @@ static double tput_once(const struct tput_mech *m, unsigned producers,
 	while (!atomic_load(&t.ready)) {
 		bench_relax();
 	}
-	for (i = 0; i < producers; i++) {
+	for (i = 0; i < t.producers; i++) {
 		pa[i].t = &t;
 		pa[i].idx = i;
 		bench_thread_start(&p[i], 0, producer_main, &pa[i]);
 	}
 	t.start_ns = bench_now_ns();
 	atomic_store(&t.go, true);
-	for (i = 0; i < producers; i++) {
+	for (i = 0; i < t.producers; i++) {
 		pthread_join(p[i], NULL);
 	}
 	pthread_join(c, NULL);
 	if (m->cleanup != NULL) {
 		m->cleanup(&t);
 	}
+	if (row->after != NULL) {
+		row->after(&t);
+	}
 	return (double)t.n * 1e9 / (double)(t.end_ns - t.start_ns);
 }
 
-double tput_median_with(const struct tput_mech *m, unsigned producers,
-			void *mech)
+static bool row_wanted(const struct tput_row *row)
 {
-	double v[16];
-	unsigned i, reps = bench_repeats();
+	return bench_opt.rows == NULL ||
+	       strstr(row->name, bench_opt.rows) != NULL;
+}
 
-	for (i = 0; i < reps; i++) {
-		v[i] = tput_once(m, producers, mech);
+/* Every row bench_repeats() times, interleaved; report the medians. */
+static void tput_run_rows(const struct tput_row *rows, unsigned nrows)
+{
+	static double v[TPUT_MAX_ROWS][16];
+	unsigned rep, i, reps = bench_repeats();
+
+	for (rep = 0; rep < reps; rep++) {
+		for (i = 0; i < nrows; i++) {
+			if (!row_wanted(&rows[i])) {
+				continue;
+			}
+			v[i][rep] = tput_once(&rows[i]);
+			if (bench_opt.verbose) {
+				fprintf(stderr, "  %s run %u: %.2f M msg/s\n",
+					rows[i].name, rep + 1,
+					v[i][rep] / 1e6);
+			}
+		}
 	}
-	return bench_median(v, reps);
-}
+	for (i = 0; i < nrows; i++) {
+		struct bench_result r = {
+			.name = rows[i].name, .unit = "msg/s",
+			.value = bench_median(v[i], reps),
+			.baseline = rows[i].baseline, .goal = rows[i].goal,
+		};
 
-double tput_median(const struct tput_mech *m, unsigned producers)
-{
-	return tput_median_with(m, producers, NULL);
-}
-
-void tput_report(const char *name, double value, const char *baseline,
-		 const char *goal)
-{
-	struct bench_result r = {
-		.name = name, .unit = "msg/s", .value = value,
-		.baseline = baseline, .goal = goal,
-	};
-
-	bench_add(&r);
+		if (row_wanted(&rows[i])) {
+			bench_add(&r);
+		}
+	}
 }
 
 /* ---- floor: a bare single-producer ring ------------------------------------ */
@@ -332,13 +345,19 @@ static const struct tput_mech proxy_mech = {
 
 void bench_tput(void)
 {
-	tput_report("floor_tput_talloc", tput_median(&floor_mech, 1), NULL,
-		    "the allocator floor");
-	tput_report("tput_tevent_threaded", tput_median(&thr_mech, 1),
-		    "floor_tput_talloc", NULL);
-	tput_report("tput_tevent_threaded_prealloc",
-		    tput_median(&thr_pre_mech, 1), "floor_tput_talloc", NULL);
-	tput_report("tput_tevent_proxy", tput_median(&proxy_mech, 1),
-		    "floor_tput_talloc", NULL);
-	bench_tput_evproxy();
+	struct tput_row rows[TPUT_MAX_ROWS] = {
+		{ .name = "floor_tput_talloc", .m = &floor_mech,
+		  .producers = 1, .goal = "the allocator floor" },
+		{ .name = "tput_tevent_threaded", .m = &thr_mech,
+		  .producers = 1, .baseline = "floor_tput_talloc" },
+		{ .name = "tput_tevent_threaded_prealloc", .m = &thr_pre_mech,
+		  .producers = 1, .baseline = "floor_tput_talloc" },
+		{ .name = "tput_tevent_proxy", .m = &proxy_mech,
+		  .producers = 1, .baseline = "floor_tput_talloc" },
+	};
+	unsigned n = 4;
+
+	n += tput_evproxy_rows(rows + n);
+	tput_run_rows(rows, n);
+	tput_evproxy_report();
 }

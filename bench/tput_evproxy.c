@@ -19,10 +19,20 @@ struct evx {
 	struct evproxy *p;
 	struct evproxy_sender *s;
 	void *keep;		/* prealloc: where the handler keeps messages */
-	struct evproxy_stats stats;
+	struct evproxy_stats stats;	/* of the last run */
+	uint64_t wakeups, messages;	/* summed over runs, see evx_after */
 };
 
-static struct evx evx_state;
+static struct evx evx_epoll = { .evpoll = false };
+static struct evx evx_evpoll = { .evpoll = true };
+/*
+ * Transport only: no allocation in the timed part, so a bounded queue (an
+ * unbounded one allocates ring memory as it grows, and with millions of
+ * messages outstanding its page faults dominate).
+ */
+static struct evx evx_evpoll_pre = { .evpoll = true,
+				     .capacity = PREALLOC_CAPACITY };
+static struct evx evx_evpoll_4p = { .evpoll = true };
 
 static void evx_setup(struct tput *t)
 {
@@ -206,44 +216,55 @@ static const struct tput_mech dropin_mech = {
 	.consumer_teardown = dropin_teardown,
 };
 
-/* one run with 'mech' on an evx, median over repeats */
-static double evx_run(const struct tput_mech *m, bool use_evpoll,
-		      unsigned producers, size_t capacity)
+static void evx_after(struct tput *t)
 {
-	memset(&evx_state, 0, sizeof(evx_state));
-	evx_state.evpoll = use_evpoll;
-	evx_state.capacity = capacity;
-	return tput_median_with(m, producers, &evx_state);
+	struct evx *x = t->mech;
+
+	x->wakeups += x->stats.kernel_wakeups;
+	x->messages += t->n;
 }
 
-void bench_tput_evproxy(void)
+unsigned tput_evproxy_rows(struct tput_row *rows)
 {
-	double v;
+	const struct tput_row mine[] = {
+		{ .name = "tput_evproxy_epoll", .m = &evx_mech,
+		  .producers = 1, .mech = &evx_epoll,
+		  .baseline = "tput_tevent_threaded", .goal = ">= 4x" },
+		{ .name = "tput_evproxy_evpoll", .m = &evx_mech,
+		  .producers = 1, .mech = &evx_evpoll,
+		  .baseline = "floor_tput_talloc",
+		  .goal = ">= 0.8x (and >= 6x tput_tevent_threaded)",
+		  .after = evx_after },
+		{ .name = "tput_evproxy_evpoll_prealloc", .m = &evx_pre_mech,
+		  .producers = 1, .mech = &evx_evpoll_pre,
+		  .baseline = "tput_tevent_threaded_prealloc",
+		  .goal = ">= 30x (bounded queue of 65536)" },
+		{ .name = "tput_evproxy_evpoll_4p", .m = &evx_mech,
+		  .producers = 4, .mech = &evx_evpoll_4p,
+		  .baseline = "tput_evproxy_evpoll", .goal = ">= 0.7x" },
+		{ .name = "tput_dropin_proxy", .m = &dropin_mech,
+		  .producers = 1, .baseline = "tput_tevent_proxy",
+		  .goal = ">= 4x" },
+	};
+	unsigned i, n = sizeof(mine) / sizeof(mine[0]);
+
+	for (i = 0; i < n; i++) {
+		rows[i] = mine[i];
+	}
+	return n;
+}
+
+void tput_evproxy_report(void)
+{
 	struct bench_result r = {
 		.name = "kernel_wakeups_per_msg", .unit = "per msg",
 		.goal = "no syscall per message while awake",
 	};
 
-	tput_report("tput_evproxy_epoll", evx_run(&evx_mech, false, 1, 0),
-		    "tput_tevent_threaded", ">= 4x");
-	v = evx_run(&evx_mech, true, 1, 0);
-	r.value = (double)evx_state.stats.kernel_wakeups /
-		  (double)tput_count();
-	tput_report("tput_evproxy_evpoll", v, "floor_tput_talloc",
-		    ">= 0.8x (and >= 6x tput_tevent_threaded)");
-	/*
-	 * Transport only: no allocation in the timed part, so a bounded
-	 * queue (an unbounded one allocates ring memory as it grows, and
-	 * with millions of messages outstanding its page faults dominate).
-	 */
-	tput_report("tput_evproxy_evpoll_prealloc",
-		    evx_run(&evx_pre_mech, true, 1, PREALLOC_CAPACITY),
-		    "tput_tevent_threaded_prealloc",
-		    ">= 30x (bounded queue of 65536)");
-	tput_report("tput_evproxy_evpoll_4p", evx_run(&evx_mech, true, 4, 0),
-		    "tput_evproxy_evpoll", ">= 0.7x");
-	tput_report("tput_dropin_proxy", tput_median_with(&dropin_mech, 1,
-							  NULL),
-		    "tput_tevent_proxy", ">= 4x");
+	if (evx_evpoll.messages == 0) {
+		/* the row was left out (--rows) */
+		return;
+	}
+	r.value = (double)evx_evpoll.wakeups / (double)evx_evpoll.messages;
 	bench_add(&r);
 }

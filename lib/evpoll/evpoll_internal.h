@@ -27,6 +27,12 @@ void tevent_debug(struct tevent_context *ev, enum tevent_debug_level level,
 
 /* fds, timers and signals are checked at least this often while spinning */
 #define EVPOLL_CHECK_NS 20000ULL
+/*
+ * While spinning the clock is read every this many passes (a read costs
+ * about as much as a pass with nothing to do in a VM); the loop's entry
+ * counts as a pass, so a check is late by at most that many passes.
+ */
+#define EVPOLL_CLOCK_EVERY 4
 
 #define EVPOLL_DEFAULT_SPIN_NS 200000ULL
 #define EVPOLL_DEFAULT_POLL_ITERATIONS 64U
@@ -104,6 +110,8 @@ struct evpoll_state {
 	uint64_t last_activity_ns;
 	uint64_t last_check_ns;
 	unsigned passes_since_check;
+	uint64_t now_ns;		/* the last clock read while spinning */
+	unsigned passes_since_clock;
 
 	struct evpoll_sigtrack *sigtracks, *sigtracks_tail;
 	unsigned nsignals;

@@ -64,6 +64,8 @@ void evpoll_spin_enter(struct evpoll_state *st, uint64_t now)
 	st->last_activity_ns = now;
 	st->last_check_ns = now;
 	st->passes_since_check = 0;
+	st->now_ns = now;
+	st->passes_since_clock = EVPOLL_CLOCK_EVERY;	/* read at once */
 	st->stats.spin_entries++;
 	/*
 	 * relaxed: a producer that still reads true only makes a redundant
@@ -97,7 +99,10 @@ void evpoll_spin_exit(struct evpoll_state *st, uint64_t now)
 
 static void note_activity(struct evpoll_state *st, uint64_t now)
 {
-	st->last_activity_ns = now;
+	/* 'now' may be a cached reading older than evpoll_activity()'s */
+	if (now > st->last_activity_ns) {
+		st->last_activity_ns = now;
+	}
 }
 
 /*
@@ -127,6 +132,14 @@ static bool run_due_timer(struct evpoll_state *st)
 	return tv.tv_sec == 0 && tv.tv_usec == 0;
 }
 
+/* Read the clock now; spin_now() counts from here. */
+static uint64_t clock_fresh(struct evpoll_state *st)
+{
+	st->now_ns = evpoll_now_ns();
+	st->passes_since_clock = 1;
+	return st->now_ns;
+}
+
 /*
  * The check of everything, in the epoll backend's order; with the spin fd
  * registered its wait returns at once.
@@ -137,14 +150,14 @@ static int spin_check(struct evpoll_state *st, const char *location)
 
 	st->passes_since_check = 0;
 	if (run_pending(st) || run_due_timer(st)) {
-		st->last_check_ns = evpoll_now_ns();
+		st->last_check_ns = clock_fresh(st);
 		note_activity(st, st->last_check_ns);
 		return 0;
 	}
 	st->spin_fde_fired = false;
 	st->other_fired = false;
 	ret = evpoll_epoll_ops->loop_once(st->ev, location);
-	st->last_check_ns = evpoll_now_ns();
+	st->last_check_ns = clock_fresh(st);
 	if (!st->spin_fde_fired) {
 		if (!st->other_fired) {
 			st->stats.fd_dispatches++;
@@ -154,19 +167,29 @@ static int spin_check(struct evpoll_state *st, const char *location)
 	return ret;
 }
 
+/* The clock while spinning, read every EVPOLL_CLOCK_EVERY calls. */
+static uint64_t spin_now(struct evpoll_state *st)
+{
+	if (st->passes_since_clock >= EVPOLL_CLOCK_EVERY) {
+		return clock_fresh(st);
+	}
+	st->passes_since_clock++;
+	return st->now_ns;
+}
+
 int evpoll_spin_once(struct evpoll_state *st, const char *location)
 {
 	uint64_t now;
 
 	if (run_pending(st)) {
-		note_activity(st, evpoll_now_ns());
+		note_activity(st, spin_now(st));
 		return 0;
 	}
 
 	for (;;) {
 		int work;
 
-		now = evpoll_now_ns();
+		now = spin_now(st);
 		/*
 		 * At least one pass between two checks, so that polls run
 		 * even when the caller is slow between iterations.
@@ -176,7 +199,12 @@ int evpoll_spin_once(struct evpoll_state *st, const char *location)
 		     st->passes_since_check > 0)) {
 			return spin_check(st, location);
 		}
+		/*
+		 * 'now' may be older than an evpoll_activity() call, which
+		 * reads the clock itself: no timeout then.
+		 */
 		if (st->cfg.mode == EVPOLL_MODE_AUTO && st->pins == 0 &&
+		    now > st->last_activity_ns &&
 		    now - st->last_activity_ns >= st->cfg.spin_ns) {
 			evpoll_spin_exit(st, now);
 			return 0;

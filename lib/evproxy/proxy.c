@@ -174,6 +174,8 @@ static unsigned drain(struct evproxy *p, bool *freed)
 	}
 	if (n > 0) {
 		p->batches++;
+		/* the slots go back to the producers, then waiters hear it */
+		evq_flush(&s->q);
 		evproxy_wake_waiters(s);
 	}
 	return n;

@@ -12,23 +12,18 @@
 #define EVQ_DEAD (1ULL << 62)
 #define EVQ_POS(tail) ((tail) & ~(EVQ_SEALED | EVQ_DEAD))
 
-/*
- * Slot sequence values: FREE_FOR(p) when position p may be written,
- * PUBLISHED(p) once it was. Doubling keeps the two apart even for a ring
- * of one slot, where "published at p" and "free for p + 1" would otherwise
- * be the same number.
- */
-#define FREE_FOR(pos) (2 * (uint64_t)(pos))
-#define PUBLISHED(pos) (2 * (uint64_t)(pos) + 1)
+/* a slot's sequence word once position 'pos' is published in it */
+#define PUBLISHED(pos) ((uint64_t)(pos) + 1)
 #define EVQ_FIRST_RING 1024
+/* the consumer publishes its head at least this often */
+#define EVQ_PUBLISH_EVERY 64
 
 static struct evq_ring *ring_new(uint64_t size)
 {
 	struct evq_ring *r;
 	size_t bytes = sizeof(*r) + size * sizeof(struct evq_slot);
-	uint64_t i;
 
-	if (size == 0 || size > (SIZE_MAX - sizeof(*r)) /
+	if (size == 0 || size > (SIZE_MAX - sizeof(*r) - 63) /
 	    sizeof(struct evq_slot)) {
 		return NULL;
 	}
@@ -38,13 +33,13 @@ static struct evq_ring *ring_new(uint64_t size)
 	if (r == NULL) {
 		return NULL;
 	}
+	/* all zero: no slot holds PUBLISHED(pos) for a pos of the first lap */
 	memset(r, 0, bytes);
 	r->size = size;
 	r->mask = (size & (size - 1)) == 0 ? size - 1 : 0;
-	for (i = 0; i < size; i++) {
-		atomic_init(&r->slots[i].seq, FREE_FOR(i));
-	}
 	atomic_init(&r->tail, 0);
+	atomic_init(&r->head_seen, 0);
+	atomic_init(&r->head, 0);
 	atomic_init(&r->next, NULL);
 	return r;
 }
@@ -120,13 +115,34 @@ static struct evq_ring *grow(struct evq *q, struct evq_ring *full, int *err)
 		atomic_store_explicit(&q->cur, next, memory_order_release);
 		/*
 		 * Seal after linking: whoever sees the sealed bit (acquire,
-		 * or a failed CAS followed by an acquire load) finds next.
+		 * or a failed CAS with acquire) finds next.
 		 */
 		atomic_fetch_or_explicit(&full->tail, EVQ_SEALED,
 					 memory_order_acq_rel);
 	}
 	pthread_mutex_unlock(&q->grow_lock);
 	return next;
+}
+
+/*
+ * True if position 'pos' of 'r' is free to write: the consumer has read
+ * its previous lap. Reads the consumer's line only when the cached head
+ * says the ring is (nearly) full.
+ */
+static bool slot_free(struct evq_ring *r, uint64_t pos)
+{
+	/* acquire: pairs with the release store below by another producer */
+	uint64_t head = atomic_load_explicit(&r->head_seen,
+					     memory_order_acquire);
+
+	if (pos - head < r->size) {
+		return true;
+	}
+	/* acquire: pairs with the consumer's release store of head */
+	head = atomic_load_explicit(&r->head, memory_order_acquire);
+	/* release: passes the consumer's reads on to other producers */
+	atomic_store_explicit(&r->head_seen, head, memory_order_release);
+	return pos - head < r->size;
 }
 
 int evq_push(struct evq *q, const struct evq_item *item)
@@ -138,8 +154,6 @@ int evq_push(struct evq *q, const struct evq_item *item)
 
 	for (;;) {
 		struct evq_slot *s;
-		uint_fast64_t seq;
-		int64_t diff;
 		int err;
 
 		if (pos & EVQ_DEAD) {
@@ -152,28 +166,11 @@ int evq_push(struct evq *q, const struct evq_item *item)
 						   memory_order_acquire);
 			continue;
 		}
-		s = slot_at(r, pos);
-		/* acquire: the consumer is done with the slot's old contents */
-		seq = atomic_load_explicit(&s->seq, memory_order_acquire);
-		diff = (int64_t)(seq - FREE_FOR(pos));
-		if (diff == 0) {
-			if (atomic_compare_exchange_weak_explicit(
-				    &r->tail, &pos, pos + 1,
-				    memory_order_acquire,
-				    memory_order_acquire)) {
-				s->msg = item->msg;
-				s->fn = item->fn;
-				s->private_data = item->private_data;
-				/* release: pairs with the consumer's acquire */
-				atomic_store_explicit(&s->seq, PUBLISHED(pos),
-						      memory_order_release);
-				return 0;
-			}
-			/* pos now holds the current tail */
-			continue;
-		}
-		if (diff < 0) {
-			/* the slot still holds an unconsumed item: full */
+		if (!slot_free(r, pos)) {
+			/*
+			 * Full. A stale 'pos' only understates how full:
+			 * the verdict stands.
+			 */
 			if (q->bounded) {
 				pos = atomic_load_explicit(&r->tail,
 							   memory_order_acquire);
@@ -187,8 +184,21 @@ int evq_push(struct evq *q, const struct evq_item *item)
 						   memory_order_acquire);
 			continue;
 		}
-		/* another producer took pos */
-		pos = atomic_load_explicit(&r->tail, memory_order_acquire);
+		/* acquire on failure: a sealed tail must show 'next' */
+		if (!atomic_compare_exchange_weak_explicit(
+			    &r->tail, &pos, pos + 1, memory_order_acquire,
+			    memory_order_acquire)) {
+			/* pos now holds the current tail */
+			continue;
+		}
+		s = slot_at(r, pos);
+		s->msg = item->msg;
+		s->fn = item->fn;
+		s->private_data = item->private_data;
+		/* release: pairs with the consumer's acquire load of seq */
+		atomic_store_explicit(&s->seq, PUBLISHED(pos),
+				      memory_order_release);
+		return 0;
 	}
 }
 
@@ -202,7 +212,7 @@ static struct evq_ring *consumer_ring(struct evq *q)
 							  memory_order_acquire);
 		struct evq_ring *next;
 
-		if (!(tail & EVQ_SEALED) || r->head < EVQ_POS(tail)) {
+		if (!(tail & EVQ_SEALED) || r->pos < EVQ_POS(tail)) {
 			return r;
 		}
 		next = atomic_load_explicit(&r->next, memory_order_acquire);
@@ -221,29 +231,29 @@ static struct evq_ring *consumer_ring(struct evq *q)
 bool evq_ready(struct evq *q)
 {
 	struct evq_ring *r = q->first;
-	struct evq_slot *s = slot_at(r, r->head);
+	struct evq_slot *s = slot_at(r, r->pos);
 
 	if (atomic_load_explicit(&s->seq, memory_order_seq_cst) ==
-	    PUBLISHED(r->head)) {
+	    PUBLISHED(r->pos)) {
 		return true;
 	}
 	r = consumer_ring(q);
-	s = slot_at(r, r->head);
+	s = slot_at(r, r->pos);
 	return atomic_load_explicit(&s->seq, memory_order_seq_cst) ==
-	       PUBLISHED(r->head);
+	       PUBLISHED(r->pos);
 }
 
 bool evq_pop(struct evq *q, struct evq_item *item)
 {
 	struct evq_ring *r = q->first;
-	struct evq_slot *s = slot_at(r, r->head);
-	uint64_t pos = r->head;
+	uint64_t pos = r->pos;
+	struct evq_slot *s = slot_at(r, pos);
 
 	/* acquire: pairs with the producer's release store of seq */
 	if (atomic_load_explicit(&s->seq, memory_order_acquire) !=
 	    PUBLISHED(pos)) {
 		r = consumer_ring(q);
-		pos = r->head;
+		pos = r->pos;
 		s = slot_at(r, pos);
 		if (atomic_load_explicit(&s->seq, memory_order_acquire) !=
 		    PUBLISHED(pos)) {
@@ -253,11 +263,20 @@ bool evq_pop(struct evq *q, struct evq_item *item)
 	item->msg = s->msg;
 	item->fn = s->fn;
 	item->private_data = s->private_data;
-	/* release: the slot is free for the lap after this one */
-	atomic_store_explicit(&s->seq, FREE_FOR(pos + r->size),
-			      memory_order_release);
-	r->head = pos + 1;
+	r->pos = ++pos;
+	if (pos % EVQ_PUBLISH_EVERY == 0) {
+		/* release: our reads of the slots come before their reuse */
+		atomic_store_explicit(&r->head, pos, memory_order_release);
+	}
 	return true;
+}
+
+void evq_flush(struct evq *q)
+{
+	struct evq_ring *r = q->first;
+
+	/* release: as in evq_pop */
+	atomic_store_explicit(&r->head, r->pos, memory_order_release);
 }
 
 void evq_kill(struct evq *q)
@@ -287,7 +306,7 @@ bool evq_pop_final(struct evq *q, struct evq_item *item)
 		}
 		r = consumer_ring(q);
 		tail = atomic_load_explicit(&r->tail, memory_order_acquire);
-		if (!(tail & EVQ_SEALED) && r->head == EVQ_POS(tail)) {
+		if (!(tail & EVQ_SEALED) && r->pos == EVQ_POS(tail)) {
 			/* the killed ring, every claimed slot taken */
 			return false;
 		}

@@ -168,8 +168,10 @@ def build(bld):
                  if name == 'evpoll' and bld.env[flag]]
         ours = [u for u in uses if u in LIBRARY_NAMES]
         external = [u for u in uses if u not in LIBRARY_NAMES] + extra
+        # lib/*.c: small internal helpers, a hidden copy in each library
         bld.objects(source=[n for n in bld.path.ant_glob(folder + '/*.c')
-                            if _wanted(bld.env, n)],
+                            if _wanted(bld.env, n)] +
+                    bld.path.ant_glob('lib/*.c'),
                     target=name + '_objs',
                     includes=['include', 'lib'], export_includes=['include'],
                     cflags=['-fPIC'], use=external)

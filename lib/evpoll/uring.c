@@ -51,16 +51,15 @@
  * CQ tail and reads the CQ head and the CQ flags.
  */
 #include <errno.h>
-#include <linux/membarrier.h>
 #include <pthread.h>
 #include <stdatomic.h>
 #include <string.h>
 #include <sys/eventfd.h>
-#include <sys/syscall.h>
 #include <unistd.h>
 
 #include "evpoll.h"
 #include "evpoll_uring.h"
+#include "asym.h"
 #include "visibility.h"
 
 /* CQEs taken from one io_uring_peek_batch_cqe() call */
@@ -116,29 +115,6 @@ struct evpoll_uring {
 
 /* ---- memory ordering of the switch from spinning to sleeping ------------- */
 
-static pthread_once_t membarrier_once = PTHREAD_ONCE_INIT;
-/*
- * Written once under membarrier_once; read only by threads that attached
- * an adapter, so called pthread_once() first (which orders the write).
- */
-static bool membarrier_ok;
-
-static long sys_membarrier(int cmd)
-{
-	return syscall(__NR_membarrier, cmd, 0, 0);
-}
-
-static void membarrier_init(void)
-{
-	long cmds = sys_membarrier(MEMBARRIER_CMD_QUERY);
-
-	if (cmds < 0 || (cmds & MEMBARRIER_CMD_PRIVATE_EXPEDITED) == 0) {
-		return;
-	}
-	membarrier_ok =
-		sys_membarrier(MEMBARRIER_CMD_REGISTER_PRIVATE_EXPEDITED) == 0;
-}
-
 /*
  * A full barrier between our store that re-enables the eventfd and our
  * loads of the CQ tail, which also covers the other side of the race.
@@ -166,21 +142,7 @@ static void membarrier_init(void)
  */
 static void full_barrier(void)
 {
-#if defined(__SANITIZE_THREAD__)
-	/*
-	 * TSan does not model fences and GCC rejects them under
-	 * -fsanitize=thread; a seq_cst read-modify-write is a full barrier on
-	 * the machines we build sanitizer runs for (x86: a locked insn).
-	 */
-	static atomic_uint fence_word;
-
-	atomic_fetch_add_explicit(&fence_word, 0, memory_order_seq_cst);
-#else
-	atomic_thread_fence(memory_order_seq_cst);
-#endif
-	if (membarrier_ok) {
-		sys_membarrier(MEMBARRIER_CMD_PRIVATE_EXPEDITED);
-	}
+	asym_heavy_barrier(asym_init());
 }
 
 /* ---- small helpers ------------------------------------------------------- */
@@ -573,7 +535,7 @@ _PUBLIC_ struct evpoll_uring *evpoll_uring_attach(struct tevent_context *ev,
 		errno = EINVAL;
 		return NULL;
 	}
-	pthread_once(&membarrier_once, membarrier_init);
+	asym_init();
 
 	u = talloc_zero(mem_ctx, struct evpoll_uring);
 	if (u == NULL) {

@@ -59,7 +59,7 @@ int evproxy_push(struct evproxy_sender *s, const struct evq_item *item)
 		return ret;
 	}
 	/* published, then the light barrier, then load: see 'idle' */
-	evproxy_light_barrier(s->asym);
+	asym_light_barrier(s->asym);
 	if (atomic_load_explicit(&s->idle, memory_order_relaxed) &&
 	    atomic_exchange_explicit(&s->idle, false, memory_order_relaxed)) {
 		evproxy_ringer_ring(s->ringer);
@@ -75,7 +75,7 @@ static bool go_idle(struct evproxy_sender *s)
 {
 	/* store, heavy barrier, then the loads in evq_ready: see 'idle' */
 	atomic_store_explicit(&s->idle, true, memory_order_relaxed);
-	evproxy_heavy_barrier(s->asym);
+	asym_heavy_barrier(s->asym);
 	if (!evq_ready(&s->q)) {
 		return false;
 	}
@@ -319,7 +319,7 @@ static struct evproxy_sender *core_new(const struct evproxy_config *cfg,
 	evproxy_pid_init();
 	s->pid = evproxy_pid();
 	atomic_init(&s->refs, 1);
-	s->asym = evproxy_asym_init();
+	s->asym = asym_init();
 	atomic_init(&s->idle, true);
 	atomic_init(&s->nwaiters, 0);
 	atomic_init(&s->discarded, 0);

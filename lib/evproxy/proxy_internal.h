@@ -40,7 +40,7 @@ struct evproxy_sender {
 	/* wakes the destination's loop; its doorbell lives there */
 	struct evproxy_ringer *ringer;
 
-	/* evproxy_asym_init() at creation: which barriers the handshakes use */
+	/* asym_init() at creation: which barriers the handshakes use */
 	bool asym;
 
 	/*
@@ -52,8 +52,8 @@ struct evproxy_sender {
 	/*
 	 * True while the destination may not look at the queue without a
 	 * wake-up: Dekker's handshake, see asym.h. The destination stores
-	 * true, evproxy_heavy_barrier(), then checks the queue (evq_ready); a
-	 * sender publishes its message (evq_push), evproxy_light_barrier(),
+	 * true, asym_heavy_barrier(), then checks the queue (evq_ready); a
+	 * sender publishes its message (evq_push), asym_light_barrier(),
 	 * then loads 'idle'. At least one side sees the other's store; the
 	 * sender that exchanges 'idle' from true to false rings the doorbell.
 	 */
@@ -62,9 +62,9 @@ struct evproxy_sender {
 	/*
 	 * Senders waiting for space (bounded queues): Dekker's handshake
 	 * again, with the waiter as the slow side. A waiter registers
-	 * (nwaiters++ under the lock), evproxy_heavy_barrier(), then
+	 * (nwaiters++ under the lock), asym_heavy_barrier(), then
 	 * retries; the consumer frees slots (release stores),
-	 * evproxy_light_barrier(), then loads nwaiters. Either the consumer
+	 * asym_light_barrier(), then loads nwaiters. Either the consumer
 	 * sees the waiter and rings it, or the retry sees the freed slots.
 	 */
 	alignas(64) atomic_uint nwaiters;

@@ -47,7 +47,7 @@ void evproxy_wake_waiters(struct evproxy_sender *s)
 		return;
 	}
 	/* slots freed (release), light barrier, load: see nwaiters */
-	evproxy_light_barrier(s->asym);
+	asym_light_barrier(s->asym);
 	if (atomic_load_explicit(&s->nwaiters, memory_order_relaxed) == 0) {
 		return;
 	}
@@ -104,7 +104,7 @@ static int state_wait(struct send_state *st)
 	atomic_fetch_add_explicit(&st->s->nwaiters, 1, memory_order_relaxed);
 	pthread_mutex_unlock(&st->s->wait_lock);
 	/* registered, heavy barrier, then the caller retries: see nwaiters */
-	evproxy_heavy_barrier(st->s->asym);
+	asym_heavy_barrier(st->s->asym);
 	st->w = w;
 	return 0;
 }

@@ -9,6 +9,10 @@
 
 #include "asym.h"
 
+#if defined(__SANITIZE_THREAD__)
+atomic_uint asym_fence_word;
+#endif
+
 static pthread_once_t asym_once = PTHREAD_ONCE_INIT;
 /* written once under asym_once; pthread_once orders it for every caller */
 static bool asym_ok;
@@ -36,16 +40,16 @@ static void asym_setup(void)
 	asym_ok = true;
 }
 
-bool evproxy_asym_init(void)
+bool asym_init(void)
 {
 	pthread_once(&asym_once, asym_setup);
 	return asym_ok;
 }
 
-void evproxy_heavy_barrier(bool asym)
+void asym_heavy_barrier(bool asym)
 {
 	/* the fences make the caller's own order plain in C11 terms */
-	atomic_thread_fence(memory_order_seq_cst);
+	asym_full_fence();
 	if (asym && membarrier(MEMBARRIER_CMD_PRIVATE_EXPEDITED) != 0) {
 		/*
 		 * Registered but refused: cannot happen short of a kernel
@@ -54,5 +58,5 @@ void evproxy_heavy_barrier(bool asym)
 		 */
 		abort();
 	}
-	atomic_thread_fence(memory_order_seq_cst);
+	asym_full_fence();
 }

@@ -210,6 +210,62 @@ static const struct tput_mech floor_mech = {
 	.consume = floor_consume,
 };
 
+/*
+ * The same ring carrying what a tevent_thread_proxy message carries: a
+ * tevent_immediate (too large for glibc's fastbins, so every cross-thread
+ * free takes the arena lock) and a message. The floor for the drop-in.
+ */
+static void floor_im_produce(struct tput *t, unsigned idx)
+{
+	size_t head = 0, tail_seen = 0;
+	uint64_t i;
+
+	for (i = 0; i < t->per_producer; i++) {
+		void *im = tevent_create_immediate(NULL);
+		void *msg = talloc_size(NULL, TPUT_MSG_SIZE);
+
+		while (head - tail_seen >= RING_SIZE - 1) {
+			tail_seen = atomic_load_explicit(&ring.tail,
+							 memory_order_acquire);
+			if (head - tail_seen >= RING_SIZE - 1) {
+				bench_relax();
+			}
+		}
+		ring.slot[head % RING_SIZE] = im;
+		ring.slot[(head + 1) % RING_SIZE] = msg;
+		head += 2;
+		atomic_store_explicit(&ring.head, head, memory_order_release);
+	}
+}
+
+static void floor_im_consume(struct tput *t)
+{
+	size_t tail = 0, head_seen = 0;
+
+	while (tail < 2 * t->n) {
+		while (head_seen == tail) {
+			head_seen = atomic_load_explicit(&ring.head,
+							 memory_order_acquire);
+			if (head_seen == tail) {
+				bench_relax();
+			}
+		}
+		talloc_free(ring.slot[tail % RING_SIZE]);
+		talloc_free(ring.slot[(tail + 1) % RING_SIZE]);
+		tail += 2;
+		if (tail % 64 == 0 || tail == head_seen) {
+			atomic_store_explicit(&ring.tail, tail,
+					      memory_order_release);
+		}
+	}
+}
+
+static const struct tput_mech floor_im_mech = {
+	.consumer_setup = floor_setup,
+	.produce = floor_im_produce,
+	.consume = floor_im_consume,
+};
+
 /* ---- tevent_threaded_schedule_immediate ------------------------------------ */
 
 static void tevent_consumer_setup(struct tput *t)
@@ -353,9 +409,12 @@ void bench_tput(void)
 		{ .name = "tput_tevent_threaded_prealloc", .m = &thr_pre_mech,
 		  .producers = 1, .baseline = "floor_tput_talloc" },
 		{ .name = "tput_tevent_proxy", .m = &proxy_mech,
-		  .producers = 1, .baseline = "floor_tput_talloc" },
+		  .producers = 1, .baseline = "floor_tput_talloc_im" },
+		{ .name = "floor_tput_talloc_im", .m = &floor_im_mech,
+		  .producers = 1,
+		  .goal = "the allocator floor for an immediate + message" },
 	};
-	unsigned n = 4;
+	unsigned n = 5;
 
 	n += tput_evproxy_rows(rows + n);
 	tput_run_rows(rows, n);

@@ -16,6 +16,19 @@
 #include "bench_tput.h"
 
 
+static int cmp_address(const void *a, const void *b)
+{
+	uintptr_t x = (uintptr_t)*(void *const *)a;
+	uintptr_t y = (uintptr_t)*(void *const *)b;
+
+	return x < y ? -1 : x > y;
+}
+
+void tput_sort_by_address(void **objs, uint64_t n)
+{
+	qsort(objs, n, sizeof(objs[0]), cmp_address);
+}
+
 uint64_t tput_count(void)
 {
 	return bench_count(2000, 300000, 2000000);
@@ -342,6 +355,7 @@ static void thr_pre_prepare(struct tput *t)
 	for (i = 0; i < t->n; i++) {
 		t->pre[i] = tevent_create_immediate(t->pre);
 	}
+	tput_sort_by_address(t->pre, t->n);
 }
 
 static void thr_pre_produce(struct tput *t, unsigned idx)

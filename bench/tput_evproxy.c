@@ -131,6 +131,7 @@ static void evx_pre_prepare(struct tput *t)
 	for (i = 0; i < t->n; i++) {
 		t->pre[i] = talloc_size(NULL, TPUT_MSG_SIZE);
 	}
+	tput_sort_by_address(t->pre, t->n);
 }
 
 static void evx_pre_produce(struct tput *t, unsigned idx)

@@ -265,6 +265,14 @@ static void evproxy_shutdown(struct evproxy *p)
 		return;
 	}
 	p->shut = true;
+	if (s->pid != evproxy_pid()) {
+		/*
+		 * Inherited across fork(): the parent's senders do not exist
+		 * here, so a claimed slot would never be published and the
+		 * growth mutex may be held forever. Leave the queue alone.
+		 */
+		return;
+	}
 	/* later sends fail; what was claimed before is drained here */
 	evq_kill(&s->q);
 	while (evq_pop_final(&s->q, &item)) {

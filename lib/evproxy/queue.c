@@ -167,14 +167,24 @@ int evq_push(struct evq *q, const struct evq_item *item)
 			continue;
 		}
 		if (!slot_free(r, pos)) {
+			uint_fast64_t now = atomic_load_explicit(
+				&r->tail, memory_order_acquire);
+
+			if (now != pos) {
+				/*
+				 * A stale 'pos': the consumer may have read
+				 * past it, and pos - head wrapped around.
+				 * Judge the current tail instead.
+				 */
+				pos = now;
+				continue;
+			}
 			/*
-			 * Full. A stale 'pos' only understates how full:
-			 * the verdict stands.
+			 * Full for real: head was loaded while the tail was
+			 * still pos, and head never passes the tail.
 			 */
 			if (q->bounded) {
-				pos = atomic_load_explicit(&r->tail,
-							   memory_order_acquire);
-				return (pos & EVQ_DEAD) ? ECANCELED : EAGAIN;
+				return EAGAIN;
 			}
 			r = grow(q, r, &err);
 			if (r == NULL) {

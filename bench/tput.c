@@ -171,36 +171,65 @@ static void floor_setup(struct tput *t)
 }
 
 /*
+ * What one message of a floor row carries: 'objs' talloc objects, taking
+ * that many consecutive slots (RING_SIZE is a multiple of both kinds).
+ */
+struct floor_kind {
+	unsigned objs;
+	bool immediate;		/* the first object is a tevent_immediate */
+};
+
+/* a bare message */
+static const struct floor_kind floor_msg = { .objs = 1 };
+/*
+ * What a tevent_thread_proxy message carries: a tevent_immediate (too
+ * large for glibc's fastbins, so every cross-thread free takes the arena
+ * lock) and a message. The floor for the drop-in.
+ */
+static const struct floor_kind floor_im = { .objs = 2, .immediate = true };
+
+/*
  * Each side caches the other's index and re-reads it only when the cached
  * value says full (producer) or empty (consumer): the shared lines move
  * once per batch of slots, not once per message.
  */
 static void floor_produce(struct tput *t, unsigned idx)
 {
+	const struct floor_kind *k = t->mech;
 	size_t head = 0, tail_seen = 0;
 	uint64_t i;
+	unsigned j;
 
 	for (i = 0; i < t->per_producer; i++) {
-		void *msg = talloc_size(NULL, TPUT_MSG_SIZE);
+		void *obj[2];
 
-		while (head - tail_seen == RING_SIZE) {
+		for (j = 0; j < k->objs; j++) {
+			obj[j] = (j == 0 && k->immediate) ?
+				 (void *)tevent_create_immediate(NULL) :
+				 talloc_size(NULL, TPUT_MSG_SIZE);
+		}
+		while (head - tail_seen > RING_SIZE - k->objs) {
 			tail_seen = atomic_load_explicit(&ring.tail,
 							 memory_order_acquire);
-			if (head - tail_seen == RING_SIZE) {
+			if (head - tail_seen > RING_SIZE - k->objs) {
 				bench_relax();
 			}
 		}
-		ring.slot[head % RING_SIZE] = msg;
-		head++;
+		for (j = 0; j < k->objs; j++) {
+			ring.slot[(head + j) % RING_SIZE] = obj[j];
+		}
+		head += k->objs;
 		atomic_store_explicit(&ring.head, head, memory_order_release);
 	}
 }
 
 static void floor_consume(struct tput *t)
 {
+	const struct floor_kind *k = t->mech;
 	size_t tail = 0, head_seen = 0;
+	unsigned j;
 
-	while (tail < t->n) {
+	while (tail < k->objs * t->n) {
 		while (head_seen == tail) {
 			head_seen = atomic_load_explicit(&ring.head,
 							 memory_order_acquire);
@@ -208,8 +237,10 @@ static void floor_consume(struct tput *t)
 				bench_relax();
 			}
 		}
-		talloc_free(ring.slot[tail % RING_SIZE]);
-		tail++;
+		for (j = 0; j < k->objs; j++) {
+			talloc_free(ring.slot[(tail + j) % RING_SIZE]);
+		}
+		tail += k->objs;
 		if (tail % 64 == 0 || tail == head_seen) {
 			atomic_store_explicit(&ring.tail, tail,
 					      memory_order_release);
@@ -221,62 +252,6 @@ static const struct tput_mech floor_mech = {
 	.consumer_setup = floor_setup,
 	.produce = floor_produce,
 	.consume = floor_consume,
-};
-
-/*
- * The same ring carrying what a tevent_thread_proxy message carries: a
- * tevent_immediate (too large for glibc's fastbins, so every cross-thread
- * free takes the arena lock) and a message. The floor for the drop-in.
- */
-static void floor_im_produce(struct tput *t, unsigned idx)
-{
-	size_t head = 0, tail_seen = 0;
-	uint64_t i;
-
-	for (i = 0; i < t->per_producer; i++) {
-		void *im = tevent_create_immediate(NULL);
-		void *msg = talloc_size(NULL, TPUT_MSG_SIZE);
-
-		while (head - tail_seen >= RING_SIZE - 1) {
-			tail_seen = atomic_load_explicit(&ring.tail,
-							 memory_order_acquire);
-			if (head - tail_seen >= RING_SIZE - 1) {
-				bench_relax();
-			}
-		}
-		ring.slot[head % RING_SIZE] = im;
-		ring.slot[(head + 1) % RING_SIZE] = msg;
-		head += 2;
-		atomic_store_explicit(&ring.head, head, memory_order_release);
-	}
-}
-
-static void floor_im_consume(struct tput *t)
-{
-	size_t tail = 0, head_seen = 0;
-
-	while (tail < 2 * t->n) {
-		while (head_seen == tail) {
-			head_seen = atomic_load_explicit(&ring.head,
-							 memory_order_acquire);
-			if (head_seen == tail) {
-				bench_relax();
-			}
-		}
-		talloc_free(ring.slot[tail % RING_SIZE]);
-		talloc_free(ring.slot[(tail + 1) % RING_SIZE]);
-		tail += 2;
-		if (tail % 64 == 0 || tail == head_seen) {
-			atomic_store_explicit(&ring.tail, tail,
-					      memory_order_release);
-		}
-	}
-}
-
-static const struct tput_mech floor_im_mech = {
-	.consumer_setup = floor_setup,
-	.produce = floor_im_produce,
-	.consume = floor_im_consume,
 };
 
 /* ---- tevent_threaded_schedule_immediate ------------------------------------ */
@@ -417,15 +392,16 @@ void bench_tput(void)
 {
 	struct tput_row rows[TPUT_MAX_ROWS] = {
 		{ .name = "floor_tput_talloc", .m = &floor_mech,
-		  .producers = 1, .goal = "the allocator floor" },
+		  .producers = 1, .mech = (void *)&floor_msg,
+		  .goal = "the allocator floor" },
 		{ .name = "tput_tevent_threaded", .m = &thr_mech,
 		  .producers = 1, .baseline = "floor_tput_talloc" },
 		{ .name = "tput_tevent_threaded_prealloc", .m = &thr_pre_mech,
 		  .producers = 1, .baseline = "floor_tput_talloc" },
 		{ .name = "tput_tevent_proxy", .m = &proxy_mech,
 		  .producers = 1, .baseline = "floor_tput_talloc_im" },
-		{ .name = "floor_tput_talloc_im", .m = &floor_im_mech,
-		  .producers = 1,
+		{ .name = "floor_tput_talloc_im", .m = &floor_mech,
+		  .producers = 1, .mech = (void *)&floor_im,
 		  .goal = "the allocator floor for an immediate + message" },
 	};
 	unsigned n = 5;

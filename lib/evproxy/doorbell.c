@@ -96,6 +96,12 @@ static void ringer_release(struct evproxy_ringer *r)
 	free(r);
 }
 
+/* True in a process that inherited the doorbell: it is dead here. */
+static bool inherited(const struct evproxy_ringer *r)
+{
+	return r->pid != evproxy_pid();
+}
+
 /*
  * Write the eventfd. Never from a process that inherited the doorbell
  * across fork(): the eventfd is shared with the parent, whose loop would
@@ -106,7 +112,7 @@ static int wake(struct evproxy_ringer *r, atomic_uint_fast64_t *counter)
 	uint64_t one = 1;
 	ssize_t n;
 
-	if (r->pid != evproxy_pid()) {
+	if (inherited(r)) {
 		return ECANCELED;
 	}
 	do {
@@ -126,7 +132,7 @@ static int ring(struct evproxy_ringer *r)
 	int saved_errno = errno;	/* async-signal-safety */
 	int ret = 0;
 
-	if (r->pid != evproxy_pid()) {
+	if (inherited(r)) {
 		return ECANCELED;
 	}
 	/* seq_cst: pairs with the loop's seq_cst store of "may sleep" */
@@ -144,12 +150,6 @@ static int ring(struct evproxy_ringer *r)
 	}
 	errno = saved_errno;
 	return ret;
-}
-
-/* True in a process that inherited the doorbell: it is dead here. */
-static bool inherited(const struct evproxy_ringer *r)
-{
-	return r->pid != evproxy_pid();
 }
 
 static void drain(struct evproxy_ringer *r)

@@ -20,6 +20,12 @@
 
 #define EVPROXY_DEFAULT_BATCH 128
 
+/* Inherited across fork(): the queue and its senders are the parent's. */
+static bool core_inherited(const struct evproxy_sender *s)
+{
+	return s->pid != evproxy_pid();
+}
+
 static void core_release(struct evproxy_sender *s)
 {
 	struct evq_item item;
@@ -50,8 +56,8 @@ int evproxy_push(struct evproxy_sender *s, const struct evq_item *item)
 {
 	int ret;
 
-	if (s->pid != evproxy_pid()) {
-		/* inherited across fork(): the destination is not here */
+	if (core_inherited(s)) {
+		/* the destination is not here */
 		return ECANCELED;
 	}
 	ret = evq_push(&s->q, item);
@@ -191,8 +197,7 @@ static void consume(struct evproxy *p)
 	bool freed;
 	unsigned n;
 
-	if (p->core->pid != evproxy_pid()) {
-		/* inherited across fork(): the queue is the parent's */
+	if (core_inherited(p->core)) {
 		return;
 	}
 	n = drain(p, &freed);
@@ -234,8 +239,8 @@ static int poll_queue(struct tevent_context *ev, void *private_data)
 	struct evproxy *p = private_data;
 	bool freed;
 
-	if (p->core->pid != evproxy_pid() || !evq_ready(&p->core->q)) {
-		/* nothing queued, or inherited across fork(): not ours */
+	if (core_inherited(p->core) || !evq_ready(&p->core->q)) {
+		/* inherited, or nothing queued */
 		return 0;
 	}
 	return (int)drain(p, &freed);
@@ -265,11 +270,11 @@ static void evproxy_shutdown(struct evproxy *p)
 		return;
 	}
 	p->shut = true;
-	if (s->pid != evproxy_pid()) {
+	if (core_inherited(s)) {
 		/*
-		 * Inherited across fork(): the parent's senders do not exist
-		 * here, so a claimed slot would never be published and the
-		 * growth mutex may be held forever. Leave the queue alone.
+		 * The parent's senders do not exist here, so a claimed slot
+		 * would never be published and the growth mutex may be held
+		 * forever. Leave the queue alone.
 		 */
 		return;
 	}

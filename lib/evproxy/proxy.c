@@ -38,6 +38,8 @@ static void core_release(struct evproxy_sender *s)
 	while (evq_pop(&s->q, &item)) {
 		evproxy_item_free(s->kind, &item);
 	}
+	/* immediates no sender took */
+	im_recycle_collect(&s->recycled);
 	evq_destroy(&s->q);
 	evproxy_ringer_unref(s->ringer);
 	pthread_mutex_destroy(&s->wait_lock);
@@ -93,23 +95,56 @@ static bool go_idle(struct evproxy_sender *s)
 	return true;
 }
 
+/* What one drain holds while a handler runs; spares are kept in p. */
+struct drain_ctx {
+	void *holder;		/* the message, or the private pointer */
+	void *im_holder;	/* EVPROXY_IMMEDIATES: the immediate alone */
+	struct im_chain recycle;	/* immediates going back to senders */
+};
+
+static bool holder_take(void **spare, void **holder)
+{
+	*holder = *spare;
+	*spare = NULL;		/* a nested drain makes its own */
+	if (*holder == NULL) {
+		*holder = talloc_new(NULL);
+	}
+	return *holder != NULL;
+}
+
+static void holder_give_back(void **spare, void *holder)
+{
+	if (*spare == NULL) {
+		*spare = holder;
+	} else {
+		talloc_free(holder);
+	}
+}
+
+/* Deliver one item. Does not touch p after the handler. */
 static void deliver(struct evproxy *p, const struct evq_item *item,
-		    void *holder)
+		    struct drain_ctx *d)
 {
 	p->delivered++;
 	/* the item belongs to this thread now: hold it while the handler runs */
-	talloc_steal(holder, item->msg);
 	if (p->core->kind == EVPROXY_MESSAGES) {
 		evproxy_msg_handler_t fn = (evproxy_msg_handler_t)item->fn;
 
+		talloc_steal(d->holder, item->msg);
 		fn(p->ev, item->msg, item->private_data);
 	} else {
 		tevent_immediate_handler_t fn =
 			(tevent_immediate_handler_t)item->fn;
+		struct tevent_immediate *im = item->msg;
 
-		talloc_steal(holder, item->private_data);
-		fn(p->ev, item->msg, item->private_data);
+		talloc_steal(d->im_holder, im);
+		talloc_steal(d->holder, item->private_data);
+		im_recycle_watch(im);
+		fn(p->ev, im, item->private_data);
+		im_recycle_take(im, d->im_holder, &d->recycle);
 	}
+	/* whatever the handler did not steal goes now */
+	talloc_free_children(d->holder);
 }
 
 static void consume(struct evproxy *p);
@@ -139,25 +174,24 @@ static unsigned drain(struct evproxy *p, bool *freed)
 	struct evproxy_sender *s = p->core;
 	struct evq_item item;
 	struct evproxy_frame frame;
-	void *holder = p->spare_holder;
+	struct drain_ctx d = { NULL, NULL, { NULL, NULL } };
 	uint64_t runs = p->cont_runs;
 	unsigned n = 0;
 
 	*freed = false;
-	p->spare_holder = NULL;	/* a nested drain makes its own */
-	if (holder == NULL) {
-		holder = talloc_new(NULL);
-		if (holder == NULL) {
-			return 0;
-		}
+	if (!holder_take(&p->spare_holder, &d.holder)) {
+		return 0;
+	}
+	if (s->kind == EVPROXY_IMMEDIATES &&
+	    !holder_take(&p->spare_im_holder, &d.im_holder)) {
+		holder_give_back(&p->spare_holder, d.holder);
+		return 0;
 	}
 	evproxy_frame_push(&p->frames, &frame);
 	tevent_schedule_immediate(p->cont_im, p->ev, cont_handler, p);
 	while (n < p->batch && evq_pop(&s->q, &item)) {
 		n++;
-		deliver(p, &item, holder);
-		/* whatever the handler did not steal goes now */
-		talloc_free_children(holder);
+		deliver(p, &item, &d);
 		if (frame.freed || p->cont_runs != runs) {
 			/* freed, or a nested loop took the draining over */
 			break;
@@ -165,7 +199,10 @@ static unsigned drain(struct evproxy *p, bool *freed)
 	}
 	if (frame.freed) {
 		*freed = true;
-		talloc_free(holder);
+		talloc_free(d.holder);
+		talloc_free(d.im_holder);
+		/* the senders' side may be gone with p */
+		im_recycle_free_chain(&d.recycle);
 		return n;
 	}
 	if (p->cont_runs == runs) {
@@ -173,11 +210,11 @@ static unsigned drain(struct evproxy *p, bool *freed)
 		tevent_schedule_immediate(p->cont_im, p->ev, NULL, NULL);
 	}
 	evproxy_frame_pop(&p->frames, &frame);
-	if (p->spare_holder == NULL) {
-		p->spare_holder = holder;
-	} else {
-		talloc_free(holder);
+	holder_give_back(&p->spare_holder, d.holder);
+	if (d.im_holder != NULL) {
+		holder_give_back(&p->spare_im_holder, d.im_holder);
 	}
+	im_recycle_publish(&s->recycled, &d.recycle);
 	if (n > 0) {
 		p->batches++;
 		/* the slots go back to the producers, then waiters hear it */
@@ -306,6 +343,7 @@ static int evproxy_destructor(struct evproxy *p)
 	TALLOC_FREE(p->db);
 	TALLOC_FREE(p->cont_im);
 	talloc_free(p->spare_holder);
+	talloc_free(p->spare_im_holder);
 	core_release(p->core);
 	return 0;
 }
@@ -336,6 +374,7 @@ static struct evproxy_sender *core_new(const struct evproxy_config *cfg,
 	atomic_init(&s->idle, true);
 	atomic_init(&s->nwaiters, 0);
 	atomic_init(&s->discarded, 0);
+	atomic_init(&s->recycled.chain, NULL);
 	return s;
 }
 

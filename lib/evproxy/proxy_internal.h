@@ -9,6 +9,7 @@
 
 #include "asym.h"
 #include "evproxy.h"
+#include "im_recycle.h"
 #include "queue.h"
 #include "visibility.h"
 
@@ -74,6 +75,9 @@ struct evproxy_sender {
 	/* relaxed counters: statistics only */
 	atomic_uint_fast64_t discarded;
 
+	/* EVPROXY_IMMEDIATES: immediates a sender frees, see im_recycle.c */
+	alignas(64) struct im_return recycled;
+
 	struct evq q;
 };
 
@@ -86,6 +90,7 @@ struct evproxy {
 	struct evpoll_poll *poll;
 	unsigned batch;
 	void *spare_holder;	/* holds a message while its handler runs */
+	void *spare_im_holder;	/* EVPROXY_IMMEDIATES: holds the immediate */
 	struct tevent_immediate *cont_im;	/* see cont_handler */
 	uint64_t cont_runs;
 	struct evproxy_frame *frames;	/* deliveries in progress */

@@ -1,7 +1,8 @@
 /*
  * A drop-in for tevent_thread_proxy_create/_schedule on top of evproxy:
  * an unbounded evproxy whose items are (immediate, tevent handler,
- * private pointer).
+ * private pointer). Immediates the handlers leave alone come back to be
+ * freed by the senders (im_recycle.c).
  */
 #include <errno.h>
 
@@ -66,4 +67,6 @@ _PUBLIC_ void evproxy_thread_proxy_schedule(struct evproxy_thread_proxy *tp,
 		/* ownership was transferred: do not leak */
 		evproxy_item_free(EVPROXY_IMMEDIATES, &item);
 	}
+	/* free what the destination handed back, see im_recycle.c */
+	im_recycle_collect(&tp->s->recycled);
 }

@@ -255,7 +255,8 @@ static void usage(FILE *f)
 		"uring\n"
 		"  --verbose  print every throughput repetition\n"
 		"  --rows   only the throughput rows whose name contains TEXT "
-		"(for profiling)\n");
+		"(for profiling);\n"
+		"           a comma-separated list, 'NAME$' matches the end\n");
 }
 
 int main(int argc, char **argv)

@@ -116,10 +116,37 @@ static double tput_once(const struct tput_row *row)
 	return (double)t.n * 1e9 / (double)(t.end_ns - t.start_ns);
 }
 
+/*
+ * --rows: comma-separated parts; a row is wanted if its name contains one
+ * of them, or, for a part ending in '$', ends with the rest of it.
+ */
 static bool row_wanted(const struct tput_row *row)
 {
-	return bench_opt.rows == NULL ||
-	       strstr(row->name, bench_opt.rows) != NULL;
+	const char *part = bench_opt.rows;
+	size_t name_len = strlen(row->name);
+
+	if (part == NULL) {
+		return true;
+	}
+	while (*part != '\0') {
+		size_t len = strcspn(part, ",");
+
+		if (len > 0 && part[len - 1] == '$') {
+			if (len - 1 <= name_len &&
+			    strncmp(row->name + name_len - (len - 1), part,
+				    len - 1) == 0) {
+				return true;
+			}
+		} else if (len > 0 &&
+			   memmem(row->name, name_len, part, len) != NULL) {
+			return true;
+		}
+		part += len;
+		if (*part == ',') {
+			part++;
+		}
+	}
+	return false;
 }
 
 /* Every row bench_repeats() times, interleaved; report the medians. */

@@ -348,6 +348,14 @@ struct evproxy_thread_proxy *evproxy_thread_proxy_create(
  * are set to NULL). They are freed after the handler returns unless the
  * handler talloc_steal()s them. On error (NULL arguments aside) they are
  * freed, as tevent does. Any thread.
+ *
+ * An immediate the handler left alone (not stolen, freed or scheduled
+ * again; no children, destructor or reference added) is freed later, by
+ * the next evproxy_thread_proxy_schedule() on the proxy (on its calling
+ * thread) or with the proxy: freeing it on the thread that allocated it
+ * keeps the destination off that thread's allocator lock. Other
+ * immediates are freed on the destination after the handler. A destructor
+ * set on the immediate before sending is replaced, as with tevent.
  */
 void evproxy_thread_proxy_schedule(struct evproxy_thread_proxy *tp,
 				   struct tevent_immediate **pp_im,

@@ -323,26 +323,6 @@ static bool fd_readable(int fd)
 	return n == 1 && (p.revents & POLLIN) != 0;
 }
 
-/* A context for a backend spec, without cmocka: for other threads. */
-static struct tevent_context *thread_context(TALLOC_CTX *mem_ctx,
-					     const char *spec)
-{
-	struct evpoll_config cfg;
-
-	if (strncmp(spec, "evpoll-", 7) != 0) {
-		return tevent_context_init_byname(mem_ctx, spec);
-	}
-	evpoll_config_default(&cfg);
-	if (strcmp(spec, "evpoll-never") == 0) {
-		cfg.mode = EVPOLL_MODE_NEVER;
-	} else if (strcmp(spec, "evpoll-auto") == 0) {
-		cfg.mode = EVPOLL_MODE_AUTO;
-	} else {
-		cfg.mode = EVPOLL_MODE_ALWAYS;
-	}
-	return evpoll_context_init(mem_ctx, &cfg);
-}
-
 struct counter {
 	uint64_t n;
 	uint64_t target;
@@ -1543,7 +1523,7 @@ static void eintr_ring(struct tevent_context *ev, struct evproxy_doorbell *db,
 static void *eintr_consumer_thread(void *arg)
 {
 	struct eintr_consumer *c = arg;
-	struct tevent_context *ev = thread_context(NULL, c->spec);
+	struct tevent_context *ev = tu_context_try(NULL, c->spec);
 	struct evproxy_config cfg;
 	struct evproxy *p = NULL, *bp = NULL;
 	struct evproxy_doorbell *db = NULL;
@@ -1606,7 +1586,7 @@ static void *eintr_producer_thread(void *arg)
 	uint64_t i;
 
 	if (pr->id == 1) {
-		ev = thread_context(NULL, pr->spec);
+		ev = tu_context_try(NULL, pr->spec);
 		if (ev == NULL) {
 			pr->errors++;
 			return NULL;

@@ -113,26 +113,6 @@ static int teardown(void **state)
 /* ------------------------------------------------------------------ */
 /* Shared helpers */
 
-/* A context for a backend spec, without cmocka: for other threads. */
-static struct tevent_context *thread_context(TALLOC_CTX *mem_ctx,
-					     const char *spec)
-{
-	struct evpoll_config cfg;
-
-	if (strncmp(spec, "evpoll-", 7) != 0) {
-		return tevent_context_init_byname(mem_ctx, spec);
-	}
-	evpoll_config_default(&cfg);
-	if (strcmp(spec, "evpoll-never") == 0) {
-		cfg.mode = EVPOLL_MODE_NEVER;
-	} else if (strcmp(spec, "evpoll-auto") == 0) {
-		cfg.mode = EVPOLL_MODE_AUTO;
-	} else {
-		cfg.mode = EVPOLL_MODE_ALWAYS;
-	}
-	return evpoll_context_init(mem_ctx, &cfg);
-}
-
 static void timer_fired(struct tevent_context *ev, struct tevent_timer *te,
 			struct timeval now, void *private_data)
 {
@@ -257,7 +237,7 @@ static void consumer_ring(struct tevent_context *ev,
 static void *consumer_thread(void *arg)
 {
 	struct consumer *c = arg;
-	struct tevent_context *ev = thread_context(NULL, c->spec);
+	struct tevent_context *ev = tu_context_try(NULL, c->spec);
 	struct evproxy *p = NULL;
 	struct evproxy_doorbell *db = NULL;
 
@@ -959,7 +939,7 @@ static void never_msg(struct tevent_context *ev, void *msg,
 static int child_inherited_checks(void)
 {
 	TALLOC_CTX *mem = talloc_new(NULL);
-	struct tevent_context *ev = thread_context(mem, "epoll");
+	struct tevent_context *ev = tu_context_try(mem, "epoll");
 	struct smsg *m = smsg_new(0, 0, 0);
 	struct smsg *orig = m;
 	struct tevent_req *req;
@@ -1013,7 +993,7 @@ static int child_inherited_checks(void)
 static int child_own_loops(const char *spec, uint64_t n)
 {
 	struct consumer c;
-	struct tevent_context *ev = thread_context(NULL, spec);
+	struct tevent_context *ev = tu_context_try(NULL, spec);
 	struct evproxy *p;
 	struct evproxy_doorbell *db;
 	struct evproxy_sender *s;

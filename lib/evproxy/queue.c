@@ -218,14 +218,25 @@ static struct evq_ring *consumer_ring(struct evq *q)
 	struct evq_ring *r = q->first;
 
 	for (;;) {
-		uint_fast64_t tail = atomic_load_explicit(&r->tail,
-							  memory_order_acquire);
-		struct evq_ring *next;
+		uint_fast64_t tail;
+		/*
+		 * acquire: pairs with the release store of next in grow().
+		 * A ring is sealed only after its next is linked, so while
+		 * next is NULL the tail need not be read: an idle consumer
+		 * polling here would otherwise pull the producers' tail line
+		 * away from them on every poll, and the next claiming CAS
+		 * would wait for it to come back.
+		 */
+		struct evq_ring *next = atomic_load_explicit(
+			&r->next, memory_order_acquire);
 
+		if (next == NULL) {
+			return r;
+		}
+		tail = atomic_load_explicit(&r->tail, memory_order_acquire);
 		if (!(tail & EVQ_SEALED) || r->pos < EVQ_POS(tail)) {
 			return r;
 		}
-		next = atomic_load_explicit(&r->next, memory_order_acquire);
 		q->first = next;
 		r->retired_next = q->retired;
 		q->retired = r;

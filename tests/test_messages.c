@@ -2435,6 +2435,105 @@ static void im_plain(struct tevent_context *ev, struct tevent_immediate *im,
 	im_plain_done = true;
 }
 
+static void im_set_bool(struct tevent_context *ev,
+			struct tevent_immediate *im, void *private_data)
+{
+	*(bool *)private_data = true;
+}
+
+static void tp_send_plain(const struct tp_ops *ops, void *tp,
+			  struct tevent_immediate **pim)
+{
+	void *priv = talloc_new(NULL);
+
+	assert_non_null(priv);
+	im_plain_done = false;
+	ops->schedule(tp, pim, im_plain, &priv);
+	assert_null(priv);
+}
+
+/*
+ * An immediate still scheduled on another context when it is sent: the
+ * destination cancels that schedule (tevent's proxy reschedules it, which
+ * does), so the other context never runs it, nor touches it once freed.
+ */
+static void run_stale_schedule(const struct tp_ops *ops)
+{
+	struct tevent_context *ev = tu_context(NULL, "epoll");
+	struct tevent_context *ev2 = tu_context(NULL, "epoll");
+	void *tp = ops->create(ev);
+	struct tevent_immediate *im = tevent_create_immediate(NULL);
+	bool stale = false;
+
+	assert_non_null(tp);
+	assert_non_null(im);
+	tevent_schedule_immediate(im, ev2, im_set_bool, &stale);
+	tp_send_plain(ops, tp, &im);
+	loop_until(ev, &im_plain_done, LONG_MS);
+	/* a second send frees what the first handed back */
+	im = tevent_create_immediate(NULL);
+	tp_send_plain(ops, tp, &im);
+	loop_until(ev, &im_plain_done, LONG_MS);
+	loop_for(ev, 2);
+	loop_for(ev2, 2);
+	assert_false(stale);
+	talloc_free(ev);
+	talloc_free(ev2);
+}
+
+/*
+ * The handler of the last message frees the proxy while its sender may
+ * still be inside the schedule call: tevent's proxy allows it, so must
+ * the drop-in (the sanitizers watch for a use after free).
+ */
+struct tp_last {
+	const struct tp_ops *ops;
+	void *tp;
+	bool done;
+};
+
+static void tp_last_handler(struct tevent_context *ev,
+			    struct tevent_immediate *im, void *private_data)
+{
+	struct tp_last *l = *(struct tp_last **)private_data;
+
+	TALLOC_FREE(l->tp);
+	l->done = true;
+}
+
+static void *tp_last_main(void *arg)
+{
+	struct tp_last *l = arg;
+	struct tevent_immediate *im = tevent_create_immediate(NULL);
+	struct tp_last **pl = talloc(NULL, struct tp_last *);
+
+	TU_CHECK(im != NULL && pl != NULL);
+	*pl = l;
+	l->ops->schedule(l->tp, &im, tp_last_handler, &pl);
+	return NULL;
+}
+
+static void run_free_on_last(const struct tp_ops *ops, const char *spec,
+			     unsigned rounds)
+{
+	unsigned i;
+
+	for (i = 0; i < rounds; i++) {
+		struct tevent_context *ev = tu_context(NULL, spec);
+		struct tp_last l = { .ops = ops };
+		pthread_t thread;
+
+		l.tp = ops->create(ev);
+		assert_non_null(l.tp);
+		assert_int_equal(pthread_create(&thread, NULL, tp_last_main,
+						&l), 0);
+		loop_until(ev, &l.done, LONG_MS);
+		assert_int_equal(pthread_join(thread, NULL), 0);
+		assert_null(l.tp);
+		talloc_free(ev);
+	}
+}
+
 static void test_thread_proxy_immediates(void **state)
 {
 	struct tevent_context *ev;
@@ -2449,6 +2548,11 @@ static void test_thread_proxy_immediates(void **state)
 		run_im_case(&evproxy_tp_ops, a);
 		run_im_case(&tevent_tp_ops, a);
 	}
+	run_stale_schedule(&evproxy_tp_ops);
+	run_stale_schedule(&tevent_tp_ops);
+	run_free_on_last(&evproxy_tp_ops, "evpoll-always", tu_scale(2000));
+	run_free_on_last(&evproxy_tp_ops, "epoll", tu_scale(500));
+	run_free_on_last(&tevent_tp_ops, "epoll", tu_scale(500));
 
 	/*
 	 * An immediate left alone goes back to the sender: its next

@@ -32,7 +32,14 @@
  *   the immediate is ours to return; any other destructor runs and the
  *   immediate is freed, which is what tevent's proxy would do with it.
  * Our destructor does nothing when not probing, so one left on an
- * immediate the handler stole costs only a call when it is freed later.
+ * immediate the handler stole costs only a call when it is freed later
+ * (it points into this library: such an immediate must not outlive a
+ * dlclose() of it).
+ *
+ * An immediate still scheduled somewhere when it was sent is cancelled
+ * by the send (thread_proxy.c), as tevent's proxy does by scheduling it
+ * on the destination, so it is never handed back while a context still
+ * lists it.
  */
 #include <stdbool.h>
 #include <string.h>
@@ -40,17 +47,20 @@
 #include "im_recycle.h"
 
 /*
- * The immediate this thread is probing. Thread-local: the probe and the
- * destructor it triggers run on the same thread, with no user code between.
+ * The immediate this thread is probing, and whether our destructor
+ * answered. Thread-local: the probe and the destructor it triggers run on
+ * the same thread. A destructor that is not ours may run user code that
+ * probes again (a nested loop); each probe saves and restores both.
  */
 static __thread const void *probing;
+static __thread bool probe_hit;
 
 static int im_watch_destructor(struct tevent_immediate *im)
 {
 	if (im != probing) {
 		return 0;
 	}
-	probing = NULL;
+	probe_hit = true;
 	talloc_set_destructor(im, NULL);
 	/* refuse: the immediate stays, now without a destructor */
 	return -1;
@@ -77,6 +87,8 @@ static void *link_get(const void *im)
 
 static bool left_alone(struct tevent_immediate *im, void *im_holder)
 {
+	const void *saved;
+	bool saved_hit, hit;
 	int ret;
 
 	/* the holder and the immediate, nothing else */
@@ -87,14 +99,16 @@ static bool left_alone(struct tevent_immediate *im, void *im_holder)
 	    talloc_get_size(im) < sizeof(void *)) {
 		return false;
 	}
+	saved = probing;
+	saved_hit = probe_hit;
 	probing = im;
+	probe_hit = false;
 	ret = talloc_free(im);
-	if (ret == -1 && probing == NULL) {
-		return true;
-	}
-	/* freed by another destructor, or refused by one: not ours */
-	probing = NULL;
-	return false;
+	hit = probe_hit;
+	probing = saved;
+	probe_hit = saved_hit;
+	/* else freed by another destructor, or refused by one: not ours */
+	return ret == -1 && hit;
 }
 
 bool im_recycle_take(struct tevent_immediate *im, void *im_holder,

@@ -34,9 +34,11 @@ struct evproxy_sender {
 	/*
 	 * relaxed increments (the caller holds a reference); acq_rel
 	 * decrement: the last owner sees every other use before freeing.
+	 * Alone on its line: the drop-in takes a reference per send, and
+	 * the destination reads the fields below on every poll.
 	 */
 	atomic_uint refs;
-	enum evproxy_kind kind;
+	alignas(64) enum evproxy_kind kind;
 	pid_t pid;	/* an evproxy inherited across fork() is dead */
 	/* wakes the destination's loop; its doorbell lives there */
 	struct evproxy_ringer *ringer;

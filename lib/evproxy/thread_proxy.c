@@ -9,6 +9,7 @@
 #include "proxy_internal.h"
 
 struct evproxy_thread_proxy {
+	struct tevent_context *ev;	/* the destination */
 	struct evproxy *p;
 	struct evproxy_sender *s;
 };
@@ -33,6 +34,7 @@ _PUBLIC_ struct evproxy_thread_proxy *evproxy_thread_proxy_create(
 		errno = ENOMEM;
 		return NULL;
 	}
+	tp->ev = dest_ev;
 	tp->p = evproxy_create_kind(tp, dest_ev, NULL, EVPROXY_IMMEDIATES);
 	if (tp->p == NULL) {
 		talloc_free(tp);
@@ -49,11 +51,29 @@ _PUBLIC_ void evproxy_thread_proxy_schedule(struct evproxy_thread_proxy *tp,
 					    void *pp_private_data)
 {
 	void **pp_private = pp_private_data;
+	struct evproxy_sender *s;
 	struct evq_item item;
 
 	if (tp == NULL || pp_im == NULL || *pp_im == NULL || handler == NULL) {
 		return;
 	}
+	/*
+	 * Once the item is queued its handler may run and free the proxy
+	 * (tevent's proxy allows that), so nothing after the push may touch
+	 * tp, and the core must outlive our use of it: hold a reference.
+	 */
+	s = evproxy_sender_ref(tp->s);
+	/* free what the destination handed back, see im_recycle.c */
+	im_recycle_collect(&s->recycled);
+	/*
+	 * Cancel a schedule the immediate may still have, as tevent's proxy
+	 * does by scheduling it on the destination; here on the sending
+	 * thread, which owns it (and normally the context it is on). With
+	 * no handler, tevent only cancels: the destination context is not
+	 * touched. Else it could be handed back (im_recycle.c) while a
+	 * context still lists it.
+	 */
+	tevent_schedule_immediate(*pp_im, tp->ev, NULL, NULL);
 	/* as tevent: detach both from the caller's (thread-local) tree */
 	item.msg = talloc_steal(NULL, *pp_im);
 	item.fn = (void *)handler;
@@ -63,10 +83,9 @@ _PUBLIC_ void evproxy_thread_proxy_schedule(struct evproxy_thread_proxy *tp,
 		*pp_private = NULL;
 	}
 	*pp_im = NULL;
-	if (evproxy_push(tp->s, &item) != 0) {
+	if (evproxy_push(s, &item) != 0) {
 		/* ownership was transferred: do not leak */
 		evproxy_item_free(EVPROXY_IMMEDIATES, &item);
 	}
-	/* free what the destination handed back, see im_recycle.c */
-	im_recycle_collect(&tp->s->recycled);
+	evproxy_sender_unref(s);
 }

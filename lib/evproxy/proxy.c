@@ -166,10 +166,10 @@ static void cont_handler(struct tevent_context *ev,
 }
 
 /*
- * Deliver up to p->batch items. Returns the number delivered; *freed tells
+ * Deliver up to max items. Returns the number delivered; *freed tells
  * whether a handler freed the evproxy (then p must not be touched).
  */
-static unsigned drain(struct evproxy *p, bool *freed)
+static unsigned drain(struct evproxy *p, unsigned max, bool *freed)
 {
 	struct evproxy_sender *s = p->core;
 	struct evq_item item;
@@ -189,7 +189,7 @@ static unsigned drain(struct evproxy *p, bool *freed)
 	}
 	evproxy_frame_push(&p->frames, &frame);
 	tevent_schedule_immediate(p->cont_im, p->ev, cont_handler, p);
-	while (n < p->batch && evq_pop(&s->q, &item)) {
+	while (n < max && evq_pop(&s->q, &item)) {
 		n++;
 		deliver(p, &item, &d);
 		if (frame.freed || p->cont_runs != runs) {
@@ -225,30 +225,74 @@ static unsigned drain(struct evproxy *p, bool *freed)
 }
 
 /*
- * Drain a batch, then either come back later (more is queued: ring our
- * own doorbell, so other events run first), rely on the spinning loop's
- * poll, or go idle.
+ * Before a loop that is not spinning goes idle (a heavy barrier: with
+ * membarrier a system call that interrupts every other running thread of
+ * the process), it looks at the queue a little longer: under a stream of
+ * messages the next one is usually this close, and finding it here costs
+ * neither side anything. Bounded by polls, not time: a poll is a load of
+ * a line the sender writes and a pause.
+ */
+#define EVPROXY_LINGER_POLLS 64
+
+/* a spin-wait hint to the CPU */
+static inline void evproxy_cpu_relax(void)
+{
+#if defined(__x86_64__) || defined(__i386__)
+	__builtin_ia32_pause();
+#elif defined(__aarch64__)
+	__asm__ __volatile__("yield");
+#else
+	atomic_signal_fence(memory_order_seq_cst);
+#endif
+}
+
+static bool linger(struct evq *q)
+{
+	unsigned i;
+
+	for (i = 0; i < EVPROXY_LINGER_POLLS; i++) {
+		if (evq_ready(q)) {
+			return true;
+		}
+		evproxy_cpu_relax();
+	}
+	return false;
+}
+
+/*
+ * Drain up to a batch (lingering between drains, see linger()), then
+ * either come back later (more is queued: ring our own doorbell, so other
+ * events run first), rely on the spinning loop's poll, or go idle.
  */
 static void consume(struct evproxy *p)
 {
+	unsigned budget = p->batch;
 	bool freed;
 	unsigned n;
 
 	if (core_inherited(p->core)) {
 		return;
 	}
-	n = drain(p, &freed);
-
-	if (freed) {
-		return;
-	}
-	if (n == p->batch && evq_ready(&p->core->q)) {
-		evproxy_ring_doorbell(p->db);
-		return;
-	}
-	if (p->poll != NULL && evpoll_is_spinning(p->ev)) {
-		/* the poll callback watches the queue while spinning */
-		return;
+	for (;;) {
+		n = drain(p, budget, &freed);
+		if (freed) {
+			return;
+		}
+		budget -= n;
+		if (budget == 0) {
+			if (evq_ready(&p->core->q)) {
+				evproxy_ring_doorbell(p->db);
+				return;
+			}
+			break;
+		}
+		if (p->poll != NULL && evpoll_is_spinning(p->ev)) {
+			/* the poll callback watches the queue while spinning */
+			return;
+		}
+		if (n == 0 || !linger(&p->core->q)) {
+			break;
+		}
 	}
 	if (go_idle(p->core)) {
 		evproxy_ring_doorbell(p->db);
@@ -280,7 +324,7 @@ static int poll_queue(struct tevent_context *ev, void *private_data)
 		/* inherited, or nothing queued */
 		return 0;
 	}
-	return (int)drain(p, &freed);
+	return (int)drain(p, p->batch, &freed);
 }
 
 static void poll_exit(struct tevent_context *ev, void *private_data)

@@ -355,7 +355,9 @@ struct evproxy_thread_proxy *evproxy_thread_proxy_create(
  * thread) or with the proxy: freeing it on the thread that allocated it
  * keeps the destination off that thread's allocator lock. Other
  * immediates are freed on the destination after the handler. A destructor
- * set on the immediate before sending is replaced, as with tevent.
+ * set on the immediate before sending is replaced, and a schedule it still
+ * has is cancelled, as with tevent. A handler may free the proxy while
+ * its sender is still inside this call.
  */
 void evproxy_thread_proxy_schedule(struct evproxy_thread_proxy *tp,
 				   struct tevent_immediate **pp_im,

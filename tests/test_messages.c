@@ -2347,24 +2347,29 @@ struct im_producer {
 	struct im_case *c;
 };
 
+/* Off the cmocka thread: send a new immediate, private data -> ptr. */
+static void tp_send_ptr(const struct tp_ops *ops, void *tp,
+			tevent_immediate_handler_t handler, void *ptr)
+{
+	struct tevent_immediate *im = tevent_create_immediate(NULL);
+	void **pp = talloc(NULL, void *);
+
+	TU_CHECK(im != NULL && pp != NULL);
+	*pp = ptr;
+	ops->schedule(tp, &im, handler, &pp);
+	TU_CHECK(im == NULL && pp == NULL);
+}
+
 /* one immediate for the action; once it ran, a second (which collects) */
 static void *im_producer_main(void *arg)
 {
 	struct im_producer *pr = arg;
-	struct tevent_immediate *im = tevent_create_immediate(NULL);
-	struct im_case **pc = talloc(NULL, struct im_case *);
 
-	TU_CHECK(im != NULL && pc != NULL);
-	*pc = pr->c;
-	pr->ops->schedule(pr->tp, &im, im_act, &pc);
+	tp_send_ptr(pr->ops, pr->tp, im_act, pr->c);
 	while (!atomic_load(&pr->c->first_done)) {
 		sched_yield();
 	}
-	im = tevent_create_immediate(NULL);
-	pc = talloc(NULL, struct im_case *);
-	TU_CHECK(im != NULL && pc != NULL);
-	*pc = pr->c;
-	pr->ops->schedule(pr->tp, &im, im_second, &pc);
+	tp_send_ptr(pr->ops, pr->tp, im_second, pr->c);
 	return NULL;
 }
 
@@ -2504,12 +2509,8 @@ static void tp_last_handler(struct tevent_context *ev,
 static void *tp_last_main(void *arg)
 {
 	struct tp_last *l = arg;
-	struct tevent_immediate *im = tevent_create_immediate(NULL);
-	struct tp_last **pl = talloc(NULL, struct tp_last *);
 
-	TU_CHECK(im != NULL && pl != NULL);
-	*pl = l;
-	l->ops->schedule(l->tp, &im, tp_last_handler, &pl);
+	tp_send_ptr(l->ops, l->tp, tp_last_handler, l);
 	return NULL;
 }
 

@@ -25,6 +25,12 @@ uninstall:
 test: $(CONFIGURED)
 	$(WAF) test
 
+# tevent's own suites (smbtorture local.event, local.tevent_req) on evpoll;
+# 'make test' runs them too when samba-testsuite is installed
+test-tevent: all
+	./buildtools/install-deps samba-testsuite
+	$(PYTHON) tests/tevent_suite.py --preload bin/preload/evpoll-preload.so
+
 bench: all
 	./bin/evproxy-bench $(BENCH_FLAGS)
 
@@ -73,5 +79,5 @@ dist:
 	git archive --format=tar.gz --prefix=evproxy-$$v/ \
 		-o evproxy-$$v.tar.gz HEAD && echo "wrote evproxy-$$v.tar.gz"
 
-.PHONY: all install uninstall test bench abi-update test-asan test-tsan \
+.PHONY: all install uninstall test test-tevent bench abi-update test-asan test-tsan \
 	test-valgrind stress clean distclean dist

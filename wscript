@@ -117,7 +117,10 @@ def configure(conf):
                'tevent_common_loop_timer_delay', 'tevent_common_check_signal',
                'tevent_common_threaded_activate_immediate',
                'tevent_common_context_destructor',
-               'tevent_debug']:
+               'tevent_debug', 'tevent_trace_point_callback',
+               'tevent_trace_fd_callback', 'tevent_trace_timer_callback',
+               'tevent_trace_signal_callback',
+               'tevent_trace_immediate_callback']:
         conf.check_cc(fragment='''
             #include <stdbool.h>
             #include <tevent.h>
@@ -198,6 +201,17 @@ def build(bld):
                        if bld.env[flag] and bld.path.find_node(h)])
     bld.install_files('${PREFIX}/share/man/man3',
                       bld.path.ant_glob('man/man3/*.3'))
+
+    # the preload module: evpoll as tevent's default in unmodified programs
+    # ($libdir/evproxy/evpoll-preload.so, no 'lib' prefix, no soname)
+    penv = bld.env.derive()
+    penv.cshlib_PATTERN = '%s.so'
+    bld(features='c cshlib', source='preload/evpoll-preload.c',
+        target='preload/evpoll-preload', env=penv,
+        includes=['include'], use='evpoll TEVENT TALLOC PTHREAD',
+        lib=['dl'], rpath=['$ORIGIN/..'],
+        ldflags=['-Wl,--no-undefined'],
+        install_path='${LIBDIR}/evproxy')
 
     helper = bld.path.ant_glob('tests/helpers/*.c')
     if helper:
@@ -388,16 +402,47 @@ def run_tests(bld):
         results.append(('bench --tiny --json',
                         _bench_selfcheck(bld, wrapper + [bench.abspath()],
                                          env)))
+    skipped = 0
+    if not only:
+        results.append(('tevent suite on evpoll',
+                        _tevent_suite(bld, wrapper, env)))
     for label, ok in results:
-        if ok:
+        if ok is None:
+            skipped += 1
+            Logs.warn('SKIPPED: %s' % label)
+        elif ok:
             passed += 1
         else:
             failed += 1
             Logs.error('FAILED: %s' % label)
-    print('%d passed, %d failed' % (passed, failed))
+    print('%d passed, %d failed, %d skipped' % (passed, failed, skipped))
     sys.stdout.flush()
     if failed:
         raise Errors.WafError('%d test(s) failed' % failed)
+
+
+def _tevent_suite(bld, wrapper, env):
+    """tevent's own suites on evpoll (tests/tevent_suite.py): True, False,
+    or None when skipped (smbtorture not installed, or a sanitizer or
+    valgrind run, whose preload an uninstrumented smbtorture cannot
+    load)."""
+    label = 'tevent suite on evpoll'
+    if wrapper or bld.env.SANITIZER:
+        Logs.info('==== %s: skipped in sanitizer and valgrind runs' % label)
+        return None
+    preload = bld.path.get_bld().find_node('preload/evpoll-preload.so')
+    script = bld.path.find_node('tests/tevent_suite.py')
+    Logs.info('==== %s' % label)
+    sys.stdout.flush()
+    rc = subprocess.call([sys.executable, script.abspath(), '--preload',
+                          preload.abspath()], env=env)
+    if rc == 77:
+        Logs.info('==== %s: skipped (make test-tevent installs '
+                  'samba-testsuite)' % label)
+        return None
+    if rc != 0:
+        Logs.error('==== %s FAILED (exit %d)' % (label, rc))
+    return rc == 0
 
 
 # Tests run a second time with the fence fallback of lib/asym.c.

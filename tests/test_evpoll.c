@@ -91,6 +91,26 @@ static void loop_once(struct tevent_context *ev)
 	assert_int_equal(tevent_loop_once(ev), 0);
 }
 
+static void noop_immediate(struct tevent_context *ev,
+			   struct tevent_immediate *im, void *private_data)
+{
+}
+
+/*
+ * One iteration that returns while the loop spins: a spinning loop_once
+ * returns only when something ran (or the spin ended), so give it an
+ * immediate to run.
+ */
+static void loop_once_spinning(struct tevent_context *ev)
+{
+	struct tevent_immediate *im = tevent_create_immediate(ev);
+
+	assert_non_null(im);
+	tevent_schedule_immediate(im, ev, noop_immediate, NULL);
+	loop_once(ev);
+	talloc_free(im);
+}
+
 /* Run the loop while it spins; fails if the spin does not end. */
 static void loop_until_idle(struct tevent_context *ev)
 {
@@ -1244,7 +1264,7 @@ static void test_free_in_enter(void **state)
 	t[3].free_in_enter = &t[1].handle;
 
 	evpoll_activity(ev);
-	loop_once(ev);
+	loop_once_spinning(ev);
 	assert_true(evpoll_is_spinning(ev));
 
 	assert_null(t[0].handle);
@@ -1298,7 +1318,7 @@ static void test_free_in_exit(void **state)
 
 	/* a new spin only sees the survivor */
 	evpoll_activity(ev);
-	loop_once(ev);
+	loop_once_spinning(ev);
 	assert_true(evpoll_is_spinning(ev));
 	loop_until_idle(ev);
 	for (i = 0; i < 3; i++) {
@@ -1310,7 +1330,7 @@ static void test_free_in_exit(void **state)
 	/* freed from its own exit while being removed: one exit only */
 	t[3].free_in_exit = &t[3].handle;
 	evpoll_activity(ev);
-	loop_once(ev);
+	loop_once_spinning(ev);
 	assert_true(evpoll_is_spinning(ev));
 	TALLOC_FREE(t[3].handle);
 	assert_int_equal(t[3].exits, 3);
@@ -1562,7 +1582,7 @@ static void test_unpin_unbalanced(void **state)
 
 	/* unbalanced while spinning: reported, the spin ends normally */
 	evpoll_activity(ev);
-	loop_once(ev);
+	loop_once_spinning(ev);
 	assert_true(evpoll_is_spinning(ev));
 	evpoll_unpin(ev);
 	assert_int_equal(dlog.count, 2);
@@ -1623,7 +1643,7 @@ static void test_activity_starts_spin(void **state)
 	get_stats(ev, &st0);
 	evpoll_activity(ev);
 	assert_false(evpoll_is_spinning(ev));
-	loop_once(ev);
+	loop_once_spinning(ev);
 	get_stats(ev, &st1);
 	assert_true(evpoll_is_spinning(ev));
 	assert_int_equal(st1.spin_entries, st0.spin_entries + 1);
@@ -1642,14 +1662,14 @@ static void test_activity_extends_spin(void **state)
 	uint64_t end;
 
 	evpoll_activity(ev);
-	loop_once(ev);
+	loop_once_spinning(ev);
 	assert_true(evpoll_is_spinning(ev));
 	get_stats(ev, &st0);
 
 	end = tu_now_ns() + 3 * LONG_SPIN_NS;
 	while (tu_now_ns() < end) {
 		evpoll_activity(ev);
-		loop_once(ev);
+		loop_once_spinning(ev);
 		assert_true(evpoll_is_spinning(ev));
 	}
 	get_stats(ev, &st1);
@@ -1685,7 +1705,7 @@ static struct tevent_context *spinning_ev(TALLOC_CTX *mem,
 	if (s->pin) {
 		evpoll_pin(ev);
 	}
-	loop_once(ev);
+	loop_once_spinning(ev);
 	assert_true(evpoll_is_spinning(ev));
 	return ev;
 }
@@ -1997,7 +2017,7 @@ static void test_waker(void **state)
 			 0);
 
 	evpoll_pin(ev);
-	loop_once(ev);
+	loop_once_spinning(ev);
 	assert_true(evpoll_is_spinning(ev));
 	assert_false(evpoll_waker_may_sleep(w));
 	evpoll_unpin(ev);
@@ -2010,7 +2030,7 @@ static void test_waker(void **state)
 	w3 = evpoll_waker_get(ev);
 	evpoll_waker_unref(w3);
 	evpoll_activity(ev);
-	loop_once(ev);
+	loop_once_spinning(ev);
 	assert_false(evpoll_waker_may_sleep(w2));
 	talloc_free(ev);
 	assert_true(evpoll_waker_may_sleep(w));

@@ -157,14 +157,23 @@ static struct tevent_signal *evpoll_add_signal_op(
 
 /*
  * Runs instead of tevent's destructor of the context, then calls it: the
- * state goes inert BEFORE any child of the context is freed, so every poll
- * is treated alike (no exit callback) whatever its talloc parent.
+ * spin ends (exit callbacks) and the state goes inert BEFORE any child of
+ * the context is freed, so every poll is treated alike whatever its talloc
+ * parent.
  */
 static int context_destructor(struct tevent_context *ev)
 {
 	struct evpoll_state *st = evpoll_state_get(ev);
 
 	if (st != NULL) {
+		/*
+		 * Every enter gets its exit, also when the context goes while
+		 * spinning; a fork child freeing what it inherited runs none.
+		 */
+		if (!evpoll_inherited(st)) {
+			evpoll_wait_abandon(st);
+			evpoll_spin_exit(st, evpoll_now_ns());
+		}
 		evpoll_state_inert(st);
 	}
 	return tevent_common_context_destructor(ev);
@@ -175,12 +184,9 @@ void evpoll_state_inert(struct evpoll_state *st)
 {
 	evpoll_registry_remove(st);
 	evpoll_sigtracks_detach(st);
-	/* polls become inert, no exit callbacks */
+	/* polls become inert (their exits ran when the spin ended) */
 	evpoll_polls_detach(st);
-	st->spinning = false;
-	/* seq_cst: as in evpoll_spin_exit; the flag stays true from now on */
-	atomic_store_explicit(&st->waker->may_sleep, true,
-			      memory_order_seq_cst);
+	evpoll_spin_drop(st);
 }
 
 static int state_destructor(struct evpoll_state *st)
@@ -209,9 +215,13 @@ static int evpoll_context_init_op(struct tevent_context *ev)
 		/*
 		 * tevent_re_initialise(): tevent detached every fd (our spin
 		 * fd's too) and every signal event; start again from "not
-		 * spinning" and "no signal events".
+		 * spinning" and "no signal events". In a fork child (smbd's
+		 * reinit_after_fork) the spin was the parent's: no callbacks.
 		 */
-		evpoll_spin_exit(st, evpoll_now_ns());
+		if (!evpoll_inherited(st)) {
+			evpoll_wait_abandon(st);
+			evpoll_spin_exit(st, evpoll_now_ns());
+		}
 		evpoll_sigtracks_detach(st);
 		talloc_set_destructor(ev, context_destructor);
 		return 0;
@@ -223,6 +233,7 @@ static int evpoll_context_init_op(struct tevent_context *ev)
 	}
 	st->ev = ev;
 	st->spin_fd = -1;
+	st->pid = tevent_cached_getpid();
 	/*
 	 * Nobody can have set a debug hook on a context that is being
 	 * created: bad environment values are reported at the first
@@ -272,6 +283,11 @@ static int evpoll_loop_once_op(struct tevent_context *ev, const char *location)
 		return evpoll_epoll_ops->loop_once(ev, location);
 	}
 	st->stats.iterations++;
+	evpoll_inherited(st);
+	if (st->trace.open) {
+		/* a nested loop inside a poll callback: the outer wait ends */
+		evpoll_wait_end(st);
+	}
 	if (st->env_report != NULL) {
 		report_env(st);
 	}

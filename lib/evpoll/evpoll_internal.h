@@ -7,6 +7,7 @@
 #include <stdatomic.h>
 #include <stdbool.h>
 #include <stdint.h>
+#include <sys/types.h>
 #include <time.h>
 
 #include "evpoll.h"
@@ -24,6 +25,20 @@ bool tevent_common_have_events(struct tevent_context *ev);
 int tevent_common_context_destructor(struct tevent_context *ev);
 void tevent_debug(struct tevent_context *ev, enum tevent_debug_level level,
 		  const char *fmt, ...) __attribute__((format(printf, 3, 4)));
+void tevent_trace_point_callback(struct tevent_context *ev,
+				 enum tevent_trace_point tp);
+void tevent_trace_fd_callback(struct tevent_context *ev,
+			      struct tevent_fd *fde,
+			      enum tevent_event_trace_point tp);
+void tevent_trace_timer_callback(struct tevent_context *ev,
+				 struct tevent_timer *te,
+				 enum tevent_event_trace_point tp);
+void tevent_trace_signal_callback(struct tevent_context *ev,
+				  struct tevent_signal *se,
+				  enum tevent_event_trace_point tp);
+void tevent_trace_immediate_callback(struct tevent_context *ev,
+				     struct tevent_immediate *im,
+				     enum tevent_event_trace_point tp);
 
 /* fds, timers and signals are checked at least this often while spinning */
 #define EVPOLL_CHECK_NS 20000ULL
@@ -86,6 +101,27 @@ struct evpoll_sigtrack {
 	struct evpoll_state *st;	/* NULL once the context is gone */
 };
 
+/* The user's trace callbacks while a wait is open (trace.c). */
+struct evpoll_trace {
+	bool open;	/* BEFORE_WAIT emitted, AFTER_WAIT not yet */
+	bool hooked;	/* our filters are installed */
+	tevent_trace_callback_t point;
+	void *point_pd;
+	tevent_trace_fd_callback_t fd;
+	void *fd_pd;
+	tevent_trace_timer_callback_t timer;
+	void *timer_pd;
+	tevent_trace_signal_callback_t sig;
+	void *sig_pd;
+	tevent_trace_immediate_callback_t im;
+	void *im_pd;
+};
+
+struct evpoll_fd_mute {
+	tevent_trace_fd_callback_t cb;
+	void *pd;
+};
+
 struct evpoll_state {
 	struct evpoll_state *reg_next;	/* registry list */
 	struct tevent_context *ev;
@@ -115,6 +151,10 @@ struct evpoll_state {
 
 	struct evpoll_sigtrack *sigtracks, *sigtracks_tail;
 	unsigned nsignals;
+
+	/* the process that owns the polls' enter/exit state */
+	pid_t pid;
+	struct evpoll_trace trace;
 
 	struct evpoll_stats stats;
 };
@@ -149,9 +189,19 @@ struct evpoll_waker *evpoll_waker_new(void);
 /* spin.c */
 void evpoll_spin_enter(struct evpoll_state *st, uint64_t now);
 void evpoll_spin_exit(struct evpoll_state *st, uint64_t now);
+void evpoll_spin_drop(struct evpoll_state *st);
+bool evpoll_inherited(struct evpoll_state *st);
 int evpoll_spin_once(struct evpoll_state *st, const char *location);
 int evpoll_sleep_once(struct evpoll_state *st, const char *location);
 bool evpoll_wants_spin(const struct evpoll_state *st);
+
+/* trace.c */
+void evpoll_wait_begin(struct evpoll_state *st);
+void evpoll_wait_end(struct evpoll_state *st);
+void evpoll_wait_abandon(struct evpoll_state *st);
+void evpoll_trace_mute_fd(struct evpoll_state *st, struct evpoll_fd_mute *m);
+void evpoll_trace_unmute_fd(struct evpoll_state *st,
+			    struct evpoll_fd_mute *m);
 
 /* backend.c */
 extern const struct tevent_ops *evpoll_epoll_ops;

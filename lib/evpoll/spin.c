@@ -48,11 +48,16 @@ bool evpoll_wants_spin(const struct evpoll_state *st)
 
 void evpoll_spin_enter(struct evpoll_state *st, uint64_t now)
 {
+	struct evpoll_fd_mute m;
+
 	if (st->spinning || st->cfg.mode == EVPOLL_MODE_NEVER) {
 		return;
 	}
+	/* our own fd: no ATTACH for the user's fd trace callback */
+	evpoll_trace_mute_fd(st, &m);
 	st->spin_fde = tevent_add_fd(st->ev, st, st->spin_fd, TEVENT_FD_READ,
 				     spin_fd_handler, st);
+	evpoll_trace_unmute_fd(st, &m);
 	if (st->spin_fde == NULL) {
 		tevent_debug(st->ev, TEVENT_DEBUG_ERROR,
 			     "evpoll: cannot start spinning: no memory\n");
@@ -76,6 +81,19 @@ void evpoll_spin_enter(struct evpoll_state *st, uint64_t now)
 	evpoll_polls_enter(st);
 }
 
+/* Our own fd: no DETACH for the user's fd trace callback. */
+static void free_spin_fde(struct evpoll_state *st)
+{
+	struct evpoll_fd_mute m;
+
+	if (st->spin_fde == NULL) {
+		return;
+	}
+	evpoll_trace_mute_fd(st, &m);
+	TALLOC_FREE(st->spin_fde);
+	evpoll_trace_unmute_fd(st, &m);
+}
+
 void evpoll_spin_exit(struct evpoll_state *st, uint64_t now)
 {
 	if (!st->spinning) {
@@ -91,10 +109,42 @@ void evpoll_spin_exit(struct evpoll_state *st, uint64_t now)
 	atomic_store_explicit(&st->waker->may_sleep, true,
 			      memory_order_seq_cst);
 	st->spinning = false;
-	TALLOC_FREE(st->spin_fde);
+	free_spin_fde(st);
 	st->stats.spin_exits++;
 	st->stats.spin_ns += now - st->spin_start_ns;
 	evpoll_polls_exit(st);
+}
+
+/*
+ * A fork child found the parent's spin state: the polls' enter/exit state
+ * belongs to the parent (its rings, its queues), so no callback may run
+ * here. The inherited polls become inert; the child starts from "not
+ * spinning". True if the state was inherited.
+ */
+bool evpoll_inherited(struct evpoll_state *st)
+{
+	pid_t me = tevent_cached_getpid();
+
+	if (st->pid == me) {
+		return false;
+	}
+	st->pid = me;
+	evpoll_polls_detach(st);
+	evpoll_spin_drop(st);
+	return true;
+}
+
+/* Stop spinning without any callback. */
+void evpoll_spin_drop(struct evpoll_state *st)
+{
+	if (st->spinning) {
+		st->spinning = false;
+		free_spin_fde(st);
+	}
+	evpoll_wait_abandon(st);
+	/* seq_cst: as in evpoll_spin_exit */
+	atomic_store_explicit(&st->waker->may_sleep, true,
+			      memory_order_seq_cst);
 }
 
 static void note_activity(struct evpoll_state *st, uint64_t now)
@@ -142,14 +192,18 @@ static uint64_t clock_fresh(struct evpoll_state *st)
 
 /*
  * The check of everything, in the epoll backend's order; with the spin fd
- * registered its wait returns at once.
+ * registered its wait returns at once. *handled: a handler of the user's
+ * ran (not only our spin fd's).
  */
-static int spin_check(struct evpoll_state *st, const char *location)
+static int spin_check(struct evpoll_state *st, const char *location,
+		      bool *handled)
 {
 	int ret = 0;
 
 	st->passes_since_check = 0;
+	*handled = false;
 	if (run_pending(st) || run_due_timer(st)) {
+		*handled = true;
 		st->last_check_ns = clock_fresh(st);
 		note_activity(st, st->last_check_ns);
 		return 0;
@@ -159,6 +213,7 @@ static int spin_check(struct evpoll_state *st, const char *location)
 	ret = evpoll_epoll_ops->loop_once(st->ev, location);
 	st->last_check_ns = clock_fresh(st);
 	if (!st->spin_fde_fired) {
+		*handled = true;
 		if (!st->other_fired) {
 			st->stats.fd_dispatches++;
 		}
@@ -177,17 +232,26 @@ static uint64_t spin_now(struct evpoll_state *st)
 	return st->now_ns;
 }
 
+/*
+ * One loop_once while spinning: returns when a handler ran, a poll
+ * reported work, the spin timed out (auto mode), or (in always
+ * mode or pinned, where the spin has no end) after spin_ns with nothing
+ * to do, like a wait that timed out.
+ */
 int evpoll_spin_once(struct evpoll_state *st, const char *location)
 {
-	uint64_t now;
+	uint64_t now, wait_start;
 
 	if (run_pending(st)) {
 		note_activity(st, spin_now(st));
 		return 0;
 	}
 
+	evpoll_wait_begin(st);
+	wait_start = spin_now(st);
 	for (;;) {
-		int work;
+		int work, ret;
+		bool handled;
 
 		now = spin_now(st);
 		/*
@@ -197,7 +261,12 @@ int evpoll_spin_once(struct evpoll_state *st, const char *location)
 		if (st->passes_since_check >= st->cfg.poll_iterations ||
 		    (now - st->last_check_ns >= EVPOLL_CHECK_NS &&
 		     st->passes_since_check > 0)) {
-			return spin_check(st, location);
+			ret = spin_check(st, location, &handled);
+			if (ret != 0 || handled || !st->spinning) {
+				evpoll_wait_end(st);
+				return ret;
+			}
+			continue;
 		}
 		/*
 		 * 'now' may be older than an evpoll_activity() call, which
@@ -206,14 +275,29 @@ int evpoll_spin_once(struct evpoll_state *st, const char *location)
 		if (st->cfg.mode == EVPOLL_MODE_AUTO && st->pins == 0 &&
 		    now > st->last_activity_ns &&
 		    now - st->last_activity_ns >= st->cfg.spin_ns) {
+			/*
+			 * The spin timed out: the wait ends here and the next
+			 * loop_once sleeps in the epoll backend (its own
+			 * BEFORE_WAIT/AFTER_WAIT pair).
+			 */
 			evpoll_spin_exit(st, now);
+			evpoll_wait_end(st);
+			return 0;
+		}
+		if (now - wait_start >= st->cfg.spin_ns &&
+		    now - st->last_activity_ns >= st->cfg.spin_ns) {
+			evpoll_wait_end(st);
 			return 0;
 		}
 		st->passes_since_check++;
 		work = evpoll_run_polls(st);
-		if (work > 0 || !st->spinning) {
-			/* st->spinning: a callback may have reconfigured */
+		/*
+		 * st->spinning: a callback may have reconfigured; trace.open:
+		 * a nested loop in a callback ended our wait
+		 */
+		if (work > 0 || !st->spinning || !st->trace.open) {
 			note_activity(st, now);
+			evpoll_wait_end(st);
 			return 0;
 		}
 	}
